@@ -1,0 +1,34 @@
+"""Joining or starting Ray, and what the cluster offers (GPUs), for every job."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import ray
+
+from profilerec.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: Optional[RayConfig] = None) -> None:
+    """Connect to the cluster named by `cfg.address` or RAY_ADDRESS (set by `ray job submit`),
+    or start a local Ray instance. A no-op when Ray is already initialised in this process."""
+    cfg = cfg or RayConfig()
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    kwargs = dict(log_to_driver=True, logging_level=logging.WARNING)
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, **kwargs)
+    else:
+        log.info("starting a local Ray instance (num_cpus=%s)", cfg.num_cpus or "all")
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+
+
+def cluster_gpus() -> float:
+    """How many GPUs the connected cluster has (0 on a CPU-only cluster)."""
+    return float(ray.cluster_resources().get("GPU", 0.0))

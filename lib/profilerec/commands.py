@@ -1,0 +1,80 @@
+"""One function per job: read its config from flags/YAML, run it, print what it did.
+
+The `profilerec` command (cli.py) and the thin scripts in jobs/ both call these, so
+`profilerec encode ...` and `python jobs/encode.py ...` are the same thing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from profilerec.config import (EncodeConfig, EvaluateConfig, FinetuneConfig, PipelineConfig, PrepareConfig,
+                               ProfilesConfig, load_config)
+
+
+def prepare(argv: Optional[list[str]] = None) -> None:
+    """Source files -> canonical Parquet (events, items, cases)."""
+    from profilerec.datasets import prepare as prepare_data
+
+    cfg = load_config(PrepareConfig, argv)
+    data = prepare_data(cfg)
+    print(f"wrote {data.events.num_rows} events, {data.items.num_rows} items, {data.cases.num_rows} cases "
+          f"to {cfg.output}; {data.invalid.summary()}")
+
+
+def encode(argv: Optional[list[str]] = None) -> None:
+    """Item and event texts -> embeddings, on a Ray Data actor pool."""
+    from profilerec.cluster import cluster_gpus, init_ray
+    from profilerec.embeddings import run_encode
+
+    cfg = load_config(EncodeConfig, argv)
+    init_ray(cfg.ray)
+    manifest = run_encode(cfg, use_gpu=cluster_gpus() > 0)
+    print(f"wrote {manifest['counts']} vectors (dim {manifest['dim']}) to {cfg.output} in {manifest['seconds']} s")
+
+
+def finetune(argv: Optional[list[str]] = None) -> None:
+    """Fine-tune the encoder with Ray Train; the best epoch's model goes to the output folder."""
+    from profilerec.training import run_finetune
+
+    cfg = load_config(FinetuneConfig, argv)
+    manifest = run_finetune(cfg)
+    print(f"best epoch {manifest['best_epoch']} ({json.dumps(manifest['metrics'])}); model in {cfg.output}")
+
+
+def profiles(argv: Optional[list[str]] = None) -> None:
+    """Every user's profile from the whole log, plus the popularity prior."""
+    from profilerec.batch_profiles import run_profiles
+
+    summary = run_profiles(load_config(ProfilesConfig, argv))
+    print(f"built {summary['users']} profiles from {summary['events']} events in {summary['seconds']} s "
+          f"-> {summary['output']}")
+
+
+def evaluate(argv: Optional[list[str]] = None) -> None:
+    """Full-ranking evaluation with baselines; report as JSON, Markdown and PNG."""
+    from profilerec.evaluation import report_markdown, run_evaluate
+
+    cfg = load_config(EvaluateConfig, argv)
+    report = run_evaluate(cfg)
+    print(report_markdown(report))
+    print(f"report written to {cfg.output}")
+
+
+def pipeline(argv: Optional[list[str]] = None) -> None:
+    """The whole workflow on one work folder, then the live service answering demo requests."""
+    from profilerec.pipeline import run_pipeline
+
+    run_pipeline(load_config(PipelineConfig, argv))
+
+
+COMMANDS = {
+    "demo": pipeline,
+    "pipeline": pipeline,
+    "prepare": prepare,
+    "encode": encode,
+    "finetune": finetune,
+    "profiles": profiles,
+    "evaluate": evaluate,
+}

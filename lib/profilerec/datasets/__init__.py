@@ -1,0 +1,125 @@
+"""Source adapters -> canonical tables, and the prepared-data folder every job reads.
+
+A prepared folder (any `pyarrow.fs` location) holds `events.parquet` (sorted by user, time,
+original order), `items.parquet`, `cases.parquet` and `manifest.json` (what was read, counts,
+the protocol's history cap, the invalid-row report and notes). The manifest is written last,
+so a folder with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from profilerec import storage
+from profilerec.datasets.common import PreparedData, one_line, order_cases, sort_events
+from profilerec.errors import ConfigError, DataError
+from profilerec.schema import CASES_SCHEMA, EVENTS_SCHEMA, ITEMS_SCHEMA, InvalidRows
+
+__all__ = ["PreparedData", "SOURCES", "load_source", "prepare", "write_prepared", "read_prepared", "describe"]
+
+log = logging.getLogger(__name__)
+
+# kind -> "module:function(path, **options) -> PreparedData"; imported on use, so a new source
+# is one module and one line here.
+SOURCES = {
+    "amazon": "profilerec.datasets.amazon:load",
+    "movielens": "profilerec.datasets.movielens:load",
+    "generic": "profilerec.datasets.generic:load",
+}
+MANIFEST_VERSION = 1
+TABLES = {"events": EVENTS_SCHEMA, "items": ITEMS_SCHEMA, "cases": CASES_SCHEMA}
+
+
+def load_source(kind: str, path: str, **options: Any) -> PreparedData:
+    """Read the source at `path` with the adapter registered for `kind`."""
+    return _adapter(kind)(path, **options)
+
+
+def prepare(cfg: Any) -> PreparedData:
+    """The prepare job: read `cfg.source` at `cfg.input`, write canonical Parquet to `cfg.output`.
+
+    `cfg` is a PrepareConfig; only the options that apply to the source are passed on.
+    """
+    started = time.perf_counter()
+    options: dict[str, Any] = {"sample_users": cfg.sample_users}
+    if cfg.source in ("movielens", "generic"):
+        options["positive_min_value"] = cfg.positive_min_value
+    if cfg.source == "generic":
+        options.update(events_file=cfg.events_file, items_file=cfg.items_file, columns=dict(cfg.columns))
+    data = load_source(cfg.source, cfg.input, **options)
+    write_prepared(data, cfg.output)
+    log.info("prepared %s -> %s in %.1f s", cfg.input, cfg.output, time.perf_counter() - started)
+    return data
+
+
+def write_prepared(data: PreparedData, output_uri: str) -> None:
+    """Write the tables and the manifest under `output_uri` (a path or any pyarrow.fs URI)."""
+    storage.makedirs(output_uri)
+    # the manifest marks a complete folder: drop the old one first so a crash mid-write can't
+    # leave new tables next to a stale manifest
+    storage.delete(storage.join(output_uri, "manifest.json"))
+    events = sort_events(data.events.cast(EVENTS_SCHEMA))  # a no-op for adapter output
+    tables = {"events": events, "items": data.items.cast(ITEMS_SCHEMA),
+              "cases": order_cases(events, data.cases.cast(CASES_SCHEMA))}
+    for name, table in tables.items():
+        storage.write_table(table, storage.join(output_uri, f"{name}.parquet"))
+    manifest = {"format_version": MANIFEST_VERSION, **data.summary(),
+                "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.write_json(manifest, storage.join(output_uri, "manifest.json"))
+
+
+def read_prepared(uri: str) -> PreparedData:
+    """Read a folder written by write_prepared; DataError naming it when it is absent or incomplete."""
+    manifest_loc = storage.join(uri, "manifest.json")
+    if not storage.exists(manifest_loc):
+        raise DataError(f"no prepared data at {uri} ({manifest_loc} not found): run jobs/prepare.py first")
+    manifest = storage.read_json(manifest_loc)
+    if manifest.get("format_version") != MANIFEST_VERSION:
+        raise DataError(f"{manifest_loc} has format_version {manifest.get('format_version')!r}; "
+                        f"this version reads {MANIFEST_VERSION}: prepare the data again")
+    tables = {name: _read_table(storage.join(uri, f"{name}.parquet"), schema) for name, schema in TABLES.items()}
+    bad = manifest.get("invalid", {})
+    invalid = InvalidRows()
+    for reason, n in bad.get("reasons", {}).items():
+        invalid.add(reason, int(n), bad.get("examples", {}).get(reason, []))
+    return PreparedData(tables["events"], tables["items"], tables["cases"], manifest.get("max_history"), invalid,
+                        list(manifest.get("notes", [])), manifest.get("source", ""), manifest.get("input", ""))
+
+
+def describe(data: PreparedData, output: str = "") -> str:
+    """A short human-readable summary of prepared data (for the job's printout)."""
+    s = data.summary()
+    lines = [
+        f"source: {s['source']} ({s['input']})",
+        f"events: {s['rows']['events']:,}  users: {s['users']:,}  items: {s['rows']['items']:,}",
+        "cases: " + (", ".join(f"{k} {v:,}" for k, v in s["splits"].items()) or "none")
+        + f"  (history cap: {s['max_history'] if s['max_history'] is not None else 'all earlier events'})",
+        f"invalid rows: {one_line(data.invalid)}",
+    ]
+    lines += [f"note: {n}" for n in s["notes"]]
+    if output:
+        lines.append(f"written to: {output}")
+    return "\n".join(lines)
+
+
+def _adapter(kind: str) -> Callable[..., PreparedData]:
+    if kind not in SOURCES:
+        raise ConfigError(f"unknown source {kind!r}; known sources: {', '.join(SOURCES)}")
+    module, _, func = SOURCES[kind].partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _read_table(location: str, schema: pa.Schema) -> pa.Table:
+    table = storage.read_table(location)
+    missing = [n for n in schema.names if n not in table.column_names]
+    if missing:
+        raise DataError(f"{location} lacks column(s) {', '.join(missing)}: prepare the data again")
+    try:
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise DataError(f"{location} does not match the canonical schema: {e}") from None

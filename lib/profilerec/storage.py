@@ -1,0 +1,175 @@
+"""Reading and writing job inputs and outputs at any URI through `pyarrow.fs`.
+
+A location is a local path (`work/prepared`), or a URI (`s3://bucket/prefix`, `gs://...`,
+`file:///abs/path`). S3-compatible servers are reached with the usual AWS variables
+(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) or `?endpoint_override=host:port&scheme=http`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import tempfile
+import uuid
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from profilerec.errors import DataError
+
+
+def is_uri(location: str) -> bool:
+    """True for `scheme://...` locations (object stores, file://), False for plain paths."""
+    return "://" in location
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and the path inside it for a location."""
+    if is_uri(location):
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"cannot open storage location {location}: {e}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(location)
+
+
+def join(location: str, *parts: str) -> str:
+    """`location/part/...`, keeping a URI's query string (endpoint settings) at the end."""
+    base, query = (location.split("?", 1) + [""])[:2] if is_uri(location) else (location, "")
+    joined = posixpath.join(base, *parts) if is_uri(location) else os.path.join(base, *parts)
+    return f"{joined}?{query}" if query else joined
+
+
+def exists(location: str) -> bool:
+    """True when a file or folder is at `location`."""
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(location: str) -> None:
+    """Create the folder `location` and its parents (a no-op on object stores without folders)."""
+    fs, path = resolve(location)
+    fs.create_dir(path, recursive=True)
+
+
+def delete(location: str) -> None:
+    """Remove a file or a whole folder; nothing happens when it does not exist."""
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def list_files(location: str, suffix: str = "") -> list[str]:
+    """Names (not paths) of the files directly inside folder `location`, sorted."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
+def read_bytes(location: str) -> bytes:
+    """The whole file at `location`; DataError naming it when it is missing."""
+    fs, path = resolve(location)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"file not found: {location}") from None
+
+
+def write_bytes(data: bytes, location: str, durable: bool = False) -> None:
+    """Write a whole file so that readers never see it half-written.
+
+    Local files go through a temporary file and a rename (fsync'd when `durable`); object stores
+    replace an object in one put, so they are written directly.
+    """
+    fs, path = resolve(location)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if durable:
+            fsync_dir(os.path.dirname(path))
+        return
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new file in local folder `path` survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_json(location: str) -> Any:
+    """Parse the JSON file at `location`."""
+    data = read_bytes(location)
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{location} is not valid JSON: {e}") from None
+
+
+def write_json(obj: Any, location: str) -> None:
+    """Write `obj` as indented JSON."""
+    write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), location)
+
+
+def read_table(location: str, columns: Optional[list[str]] = None) -> pa.Table:
+    """A Parquet file, or a folder of Parquet files, as one table."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise DataError(f"Parquet input not found: {location}")
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"cannot read Parquet at {location}: {e}") from None
+
+
+def write_table(table: pa.Table, location: str) -> None:
+    """Write `table` as one Parquet file at `location` (replacing it whole)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(buf.getvalue(), location)
+
+
+def local_dir(location: str) -> str:
+    """A local folder with the contents of `location` (copied once into a cache for remote URIs)."""
+    if not is_uri(location) or location.startswith("file://"):
+        path = location[len("file://"):] if location.startswith("file://") else location
+        return os.path.abspath(path)
+    cache = os.path.join(tempfile.gettempdir(), "profilerec-cache", uuid.uuid5(uuid.NAMESPACE_URL, location).hex)
+    if not os.path.isdir(cache):
+        fs, path = resolve(location)
+        tmp = f"{cache}.tmp-{uuid.uuid4().hex[:8]}"
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        os.replace(tmp, cache)
+    return cache
+
+
+def upload_dir(local: str, location: str) -> None:
+    """Copy local folder `local` to `location` (no-op when they are the same place)."""
+    if not is_uri(location) and os.path.abspath(location) == os.path.abspath(local):
+        return
+    fs, path = resolve(location)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

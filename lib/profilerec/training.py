@@ -1,0 +1,259 @@
+"""Fine-tuning on Ray Train: the worker loop, checkpoints, early stopping, and the driver.
+
+The encoder is fine-tuned on next-item prediction. The user side of each training case is the
+profile built by profile.py from the case's history, with item vectors computed by the encoder
+being trained (so gradients flow through the profile update); the item side is the encoder's
+vector of the next item; the other items of the batch are the negatives.
+
+One checkpoint per epoch (the model folder plus optimizer state) goes through
+`ray.train.report`; re-running the same run name resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import posixpath
+import random
+import tempfile
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from profilerec import storage
+from profilerec.config import FinetuneConfig, from_dict, to_dict
+from profilerec.encoder import TextEncoder
+from profilerec.errors import DataError
+from profilerec.model import contrastive_loss
+from profilerec.profile import ProfileParams, build_profile, event_embedding, zero_shot_query
+from profilerec.replay import Case, iter_cases, user_sequences
+
+log = logging.getLogger(__name__)
+
+METRIC = "val_ndcg10"
+TRAIN_STATE = "train_state.pt"
+ENCODER_DIR = "encoder"
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side
+
+
+def finetune_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker function: fine-tune the encoder, report + checkpoint every epoch."""
+    import ray.train
+    import ray.train.torch
+    from profilerec.datasets import read_prepared
+    from profilerec.evaluation import evaluate_encoder
+
+    cfg = from_dict(FinetuneConfig, config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    params = ProfileParams()
+
+    data = read_prepared(cfg.input)
+    sequences = user_sequences(data.events)
+    train_cases = [c for c in iter_cases(sequences, data.cases, cfg.train_splits, data.max_history or params.window)
+                   if c.history and c.target is not None]
+    eval_cases = _every_nth(list(iter_cases(sequences, data.cases, [cfg.eval_split], data.max_history)),
+                            cfg.eval_max_cases)
+    if not train_cases:
+        raise DataError(f"no training cases in splits {cfg.train_splits} of {cfg.input}")
+    texts = _item_texts(data.items)
+
+    encoder = TextEncoder(cfg.model, device=str(ray.train.torch.get_device()), max_length=cfg.max_length)
+    encoder.model = ray.train.torch.prepare_model(encoder.model)
+    optimizer = torch.optim.AdamW(encoder.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    per_worker = math.ceil(len(train_cases) / world)
+    steps_per_epoch = math.ceil(per_worker / cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    scheduler = _warmup_linear(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_ratio)
+
+    start_epoch, best, stale = 0, -1.0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            start_epoch, best, stale = _restore(folder, encoder, optimizer, scheduler)
+        log.info("resuming from the checkpoint after epoch %d (best %s %.4f)", start_epoch, METRIC, best)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if stale >= cfg.patience:
+            log.info("early stop: %s has not improved for %d epochs", METRIC, stale)
+            break
+        started = time.perf_counter()
+        encoder.model.train()
+        order = list(range(len(train_cases)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+        mine = order[rank::world]
+        losses = []
+        for step in range(steps_per_epoch):
+            batch = [train_cases[i] for i in mine[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+            if not batch:
+                break
+            loss = case_loss(encoder, batch, texts, params, cfg.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(encoder.model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss))
+        encoder.model.eval()
+        metrics = evaluate_encoder(encoder, data.items, eval_cases, params)
+        score = metrics["NDCG@10"]
+        stale = 0 if score > best else stale + 1
+        best = max(best, score)
+        report = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                  METRIC: score, "val_hr10": metrics["HR@10"], "best": best, "steps": len(losses),
+                  "seconds": round(time.perf_counter() - started, 1)}
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:
+                _save(folder, encoder, optimizer, scheduler, epoch + 1, best, stale, report)
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            else:
+                ray.train.report(report)
+
+
+def case_loss(encoder: TextEncoder, cases: Sequence[Case], texts: dict[str, str], params: ProfileParams,
+              temperature: float) -> torch.Tensor:
+    """Next-item contrastive loss of a batch of cases, gradients flowing through profile.py."""
+    items: dict[str, int] = {}
+    for case in cases:
+        for event in case.history:
+            if event.item_id is not None:
+                items.setdefault(event.item_id, len(items))
+        items.setdefault(case.target, len(items))
+    event_texts: dict[str, int] = {}
+    for case in cases:
+        for event in case.history:
+            if event.text:
+                event_texts.setdefault(event.text, len(items) + len(event_texts))
+    batch_texts = [texts.get(i, "") for i in items] + list(event_texts)
+    vectors = encoder.embed(encoder.tokenize(batch_texts))
+
+    def vector_of(event):
+        item = vectors[items[event.item_id]] if event.item_id is not None else None
+        text = vectors[event_texts[event.text]] if event.text else None
+        return event_embedding(item, text, params)
+
+    queries, positives = [], []
+    for case in cases:
+        query = zero_shot_query(build_profile(case.user_id, case.history, vector_of, params), params)
+        if query is not None:
+            queries.append(query)
+            positives.append(items[case.target])
+    keys = vectors[: len(items)]
+    return contrastive_loss(torch.stack(queries), keys, torch.tensor(positives, device=keys.device), temperature)
+
+
+def _item_texts(items) -> dict[str, str]:
+    from profilerec.embeddings import item_texts
+
+    table = item_texts(items)
+    return dict(zip(table.column("item_id").to_pylist(), table.column("text").to_pylist()))
+
+
+def _every_nth(cases: list, limit: Optional[int]) -> list:
+    if not limit or len(cases) <= limit:
+        return cases
+    step = len(cases) / limit
+    return [cases[int(i * step)] for i in range(limit)]
+
+
+def _warmup_linear(optimizer, total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _save(folder: str, encoder: TextEncoder, optimizer, scheduler, epoch: int, best: float, stale: int,
+          metrics: dict[str, Any]) -> None:
+    encoder.save(os.path.join(folder, ENCODER_DIR))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                "best": best, "stale": stale}, os.path.join(folder, TRAIN_STATE))
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        json.dump(metrics, f)
+
+
+def _restore(folder: str, encoder: TextEncoder, optimizer, scheduler) -> tuple[int, float, int]:
+    from transformers import AutoModel
+
+    trained = AutoModel.from_pretrained(os.path.join(folder, ENCODER_DIR))
+    getattr(encoder.model, "module", encoder.model).load_state_dict(trained.state_dict())
+    state = torch.load(os.path.join(folder, TRAIN_STATE), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"], state["best"], state["stale"]
+
+
+# --------------------------------------------------------------------------------------------
+# Driver side
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The finetune job: train on Ray Train, then write the best epoch's model to `cfg.output`.
+
+    Returns the manifest written next to the model (best validation metrics, epochs, seconds).
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from profilerec.cluster import cluster_gpus, init_ray
+
+    init_ray(cfg.ray)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() > 0
+    storage_path = cfg.storage_path or _default_storage(cfg.output)
+    name = f"{cfg.run_name}-{run_fingerprint(cfg)}"
+    started = time.perf_counter()
+    trainer = TorchTrainer(
+        finetune_loop,
+        train_loop_config={"cfg": to_dict(cfg)},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
+                                                         checkpoint_score_order="max"),
+        ),
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint(METRIC, "max") if result.best_checkpoints else result.checkpoint
+    if best is None:
+        raise DataError(f"training run {name} produced no checkpoint")
+    with best.as_directory() as folder:
+        with open(os.path.join(folder, "metrics.json")) as f:
+            metrics = json.load(f)
+        storage.upload_dir(os.path.join(folder, ENCODER_DIR), storage.join(cfg.output, ENCODER_DIR))
+    manifest = {"encoder": ENCODER_DIR, "base_model": cfg.model, "run": name, "storage_path": storage_path,
+                "best_epoch": metrics["epoch"], "metrics": metrics, "use_gpu": use_gpu,
+                "num_workers": cfg.num_workers, "seconds": round(time.perf_counter() - started, 1),
+                "profile": ProfileParams().to_dict()}
+    storage.write_json(manifest, storage.join(cfg.output, "manifest.json"))
+    return manifest
+
+
+def run_fingerprint(cfg: FinetuneConfig) -> str:
+    """A short hash of the settings that change what is trained (same settings -> resume)."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("ray", "storage_path", "run_name", "num_workers")}
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _default_storage(output: str) -> str:
+    """`ray_train` next to the output folder (absolute, as Ray Train requires)."""
+    if storage.is_uri(output):
+        base, _, query = output.partition("?")
+        parent = posixpath.dirname(base.rstrip("/"))
+        return f"{parent}/ray_train" + (f"?{query}" if query else "")
+    return os.path.abspath(os.path.join(output, os.pardir, "ray_train"))
