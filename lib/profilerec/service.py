@@ -5,7 +5,6 @@ DELETE /v1/users/{user_id}, GET /healthz. The ingress checks every request, grou
 shard that owns their user, and waits until each shard has logged them before answering.
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging
@@ -68,6 +67,26 @@ class EventsOut(BaseModel):
 
 def _client_error(status: int, field: list[Any], message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": [{"loc": field, "msg": message}]})
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+def api_token(cfg: ServeConfig) -> str:
+    """The write token: $PROFILEREC_API_TOKEN, else the token file (created once, mode 0600)."""
+    token = os.environ.get(cfg.token_env)
+    if token:
+        return token.strip()
+    location = cfg.token_file or storage.join(cfg.state_dir, "api_token")
+    if not storage.exists(location):
+        storage.write_bytes(secrets.token_urlsafe(32).encode(), location)
+        if not storage.is_uri(location):
+            os.chmod(location, 0o600)
+        log.warning("no API token configured: generated one in %s", location)
+    return storage.read_bytes(location).decode().strip()
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64,
@@ -143,26 +162,6 @@ class Ingress:
         """Up when every shard actor answers."""
         stats = await asyncio.gather(*(s.stats.remote() for s in self.shards))
         return {"status": "ok", "shards": len(stats), "users": sum(s["users"] for s in stats)}
-
-
-def _now() -> float:
-    import time
-
-    return time.time()
-
-
-def api_token(cfg: ServeConfig) -> str:
-    """The write token: $PROFILEREC_API_TOKEN, else the token file (created once, mode 0600)."""
-    token = os.environ.get(cfg.token_env)
-    if token:
-        return token.strip()
-    location = cfg.token_file or storage.join(cfg.state_dir, "api_token")
-    if not storage.exists(location):
-        storage.write_bytes(secrets.token_urlsafe(32).encode(), location)
-        if not storage.is_uri(location):
-            os.chmod(location, 0o600)
-        log.warning("no API token configured: generated one in %s", location)
-    return storage.read_bytes(location).decode().strip()
 
 
 def build_app(cfg: ServeConfig):

@@ -76,11 +76,11 @@ def finetune_loop(config: dict[str, Any]) -> None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     scheduler = _warmup_linear(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_ratio)
 
-    start_epoch, best, stale = 0, -1.0, 0
+    start_epoch, best, stale, history = 0, -1.0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            start_epoch, best, stale = _restore(folder, encoder, optimizer, scheduler)
+            start_epoch, best, stale, history = _restore(folder, encoder, optimizer, scheduler)
         log.info("resuming from the checkpoint after epoch %d (best %s %.4f)", start_epoch, METRIC, best)
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -112,9 +112,10 @@ def finetune_loop(config: dict[str, Any]) -> None:
         report = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                   METRIC: score, "val_hr10": metrics["HR@10"], "best": best, "steps": len(losses),
                   "seconds": round(time.perf_counter() - started, 1)}
+        history.append(report)
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
-                _save(folder, encoder, optimizer, scheduler, epoch + 1, best, stale, report)
+                _save(folder, encoder, optimizer, scheduler, epoch + 1, best, stale, history)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
             else:
                 ray.train.report(report)
@@ -178,15 +179,15 @@ def _warmup_linear(optimizer, total_steps: int, warmup_ratio: float):
 
 
 def _save(folder: str, encoder: TextEncoder, optimizer, scheduler, epoch: int, best: float, stale: int,
-          metrics: dict[str, Any]) -> None:
+          history: list[dict[str, Any]]) -> None:
     encoder.save(os.path.join(folder, ENCODER_DIR))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                "best": best, "stale": stale}, os.path.join(folder, TRAIN_STATE))
+                "best": best, "stale": stale, "history": history}, os.path.join(folder, TRAIN_STATE))
     with open(os.path.join(folder, "metrics.json"), "w") as f:
-        json.dump(metrics, f)
+        json.dump({**history[-1], "history": history}, f)
 
 
-def _restore(folder: str, encoder: TextEncoder, optimizer, scheduler) -> tuple[int, float, int]:
+def _restore(folder: str, encoder: TextEncoder, optimizer, scheduler) -> tuple[int, float, int, list]:
     from transformers import AutoModel
 
     trained = AutoModel.from_pretrained(os.path.join(folder, ENCODER_DIR))
@@ -194,7 +195,7 @@ def _restore(folder: str, encoder: TextEncoder, optimizer, scheduler) -> tuple[i
     state = torch.load(os.path.join(folder, TRAIN_STATE), weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return state["epoch"], state["best"], state["stale"]
+    return state["epoch"], state["best"], state["stale"], state["history"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,23 +231,32 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     )
     result = trainer.fit()
     best = result.get_best_checkpoint(METRIC, "max") if result.best_checkpoints else result.checkpoint
-    if best is None:
+    if best is None or result.checkpoint is None:
         raise DataError(f"training run {name} produced no checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        history = _read_metrics(folder)["history"]
     with best.as_directory() as folder:
-        with open(os.path.join(folder, "metrics.json")) as f:
-            metrics = json.load(f)
+        metrics = _read_metrics(folder)
+        metrics.pop("history")
         storage.upload_dir(os.path.join(folder, ENCODER_DIR), storage.join(cfg.output, ENCODER_DIR))
     manifest = {"encoder": ENCODER_DIR, "base_model": cfg.model, "run": name, "storage_path": storage_path,
-                "best_epoch": metrics["epoch"], "metrics": metrics, "use_gpu": use_gpu,
+                "best_epoch": metrics["epoch"], "metrics": metrics, "history": history, "use_gpu": use_gpu,
                 "num_workers": cfg.num_workers, "seconds": round(time.perf_counter() - started, 1),
                 "profile": ProfileParams().to_dict()}
     storage.write_json(manifest, storage.join(cfg.output, "manifest.json"))
     return manifest
 
 
+def _read_metrics(folder: str) -> dict[str, Any]:
+    with open(os.path.join(folder, "metrics.json")) as f:
+        return json.load(f)
+
+
 def run_fingerprint(cfg: FinetuneConfig) -> str:
-    """A short hash of the settings that change what is trained (same settings -> resume)."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("ray", "storage_path", "run_name", "num_workers")}
+    """A short hash of the settings that change what is trained: a run with the same settings
+    resumes from its last checkpoint (more `epochs` continue it; other changes start afresh)."""
+    ignored = ("ray", "storage_path", "run_name", "num_workers", "use_gpu", "epochs", "patience", "output")
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ignored}
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 

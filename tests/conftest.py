@@ -1,0 +1,74 @@
+"""Shared fixtures: one local Ray instance per session and a small real work folder.
+
+The work folder is built the way users build theirs: a slice of the bundled Amazon sample goes
+through the prepare job, the Ray Data encode job (real default model) and the batch profiles job.
+"""
+
+import json
+import socket
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "lib" / "profilerec" / "sample_data" / "amazon-industrial-sample"
+TINY_USERS = 24
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_tiny_amazon(folder: Path, n_users: int = TINY_USERS) -> Path:
+    """The first `n_users` users of the bundled sample, with only the items their rows mention."""
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = {s: pd.read_csv(SAMPLE / f"{s}.csv", dtype=str) for s in ("train", "valid", "test")}
+    users = list(dict.fromkeys(pd.concat(frames.values()).user_id))[:n_users]
+    wanted = set()
+    for split, frame in frames.items():
+        frame = frame[frame.user_id.isin(users)]
+        frame.to_csv(folder / f"{split}.csv", index=False)
+        for history, target in zip(frame.history, frame.item_id):
+            wanted.update(str(history).split())
+            wanted.add(target)
+    with open(SAMPLE / "items.jsonl") as src, open(folder / "items.jsonl", "w") as dst:
+        for line in src:
+            if str(json.loads(line)["item_id"]) in wanted:
+                dst.write(line)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray instance for the whole session (4 logical CPUs so pools never starve Ray Data)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_work(tmp_path_factory, ray_session):
+    """A prepared + encoded + profiled work folder of a few dozen real users (zero-shot encoder)."""
+    from profilerec.batch_profiles import run_profiles
+    from profilerec.config import EncodeConfig, PrepareConfig, ProfilesConfig
+    from profilerec.datasets import prepare
+    from profilerec.embeddings import run_encode
+
+    base = tmp_path_factory.mktemp("tiny")
+    source = write_tiny_amazon(base / "source")
+    work = base / "work"
+    prepare(PrepareConfig(source="amazon", input=str(source), output=str(work / "prepared")))
+    run_encode(EncodeConfig(input=str(work / "prepared"), output=str(work / "embeddings")), use_gpu=False)
+    run_profiles(ProfilesConfig(input=str(work / "prepared"), embeddings=str(work / "embeddings"),
+                                model=str(work / "model"), output=str(work / "profiles")))
+    return work

@@ -1,0 +1,42 @@
+"""The encode job on a local Ray: its vectors are the encoder's own, each distinct text once."""
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from profilerec.config import EncodeConfig
+from profilerec.datasets import PreparedData, read_prepared, write_prepared
+from profilerec.embeddings import item_texts, read_embeddings, run_encode, vectors_from_arrow
+from profilerec.encoder import TextEncoder, text_hash
+from profilerec.schema import CASES_SCHEMA, InvalidRows, clean_events, clean_items
+
+
+def test_item_vectors_equal_the_encoders_direct_output(tiny_work):
+    data = read_prepared(str(tiny_work / "prepared"))
+    table = read_embeddings(str(tiny_work / "embeddings"), "items")
+    assert sorted(table.column("item_id").to_pylist()) == sorted(data.items.column("item_id").to_pylist())
+    texts = dict(zip(*item_texts(data.items).to_pydict().values()))
+    direct = TextEncoder().encode([texts[i] for i in table.column("item_id").to_pylist()])
+    got = vectors_from_arrow(table.column("vector"))
+    np.testing.assert_allclose(got, direct, atol=2e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_each_distinct_event_text_is_encoded_once(tmp_path, ray_session):
+    items = clean_items(pd.DataFrame({"item_id": ["1", "2"], "title": ["red drill", "blue saw"]}), InvalidRows())
+    texts = ["cordless drill", "cordless drill", "saw blade", None]
+    events = clean_events(pd.DataFrame({
+        "event_id": ["e1", "e2", "e3", "e4"], "user_id": ["u", "u", "v", "v"], "item_id": ["1", None, "2", "2"],
+        "type": ["search", "search", "tag", "click"], "ts": [1.0e9, 1.0e9 + 5, 1.0e9, 1.0e9 + 9], "text": texts,
+    }), {"1", "2"}, InvalidRows())
+    cases = pa.table({"user_id": ["v"], "target_event_id": ["e4"], "split": ["test"]}, schema=CASES_SCHEMA)
+    write_prepared(PreparedData(events, items, cases, None), str(tmp_path / "prepared"))
+    manifest = run_encode(EncodeConfig(input=str(tmp_path / "prepared"), output=str(tmp_path / "emb"),
+                                       num_actors=2, num_cpus_per_actor=0.5), use_gpu=False)
+    assert manifest["counts"] == {"items": 2, "texts": 2}
+    table = read_embeddings(str(tmp_path / "emb"), "texts")
+    got = dict(zip(table.column("text_hash").to_pylist(), vectors_from_arrow(table.column("vector"))))
+    assert set(got) == {text_hash("cordless drill"), text_hash("saw blade")}
+    direct = TextEncoder().encode(["cordless drill", "saw blade"])
+    np.testing.assert_allclose(got[text_hash("cordless drill")], direct[0], atol=2e-5)
+    np.testing.assert_allclose(got[text_hash("saw blade")], direct[1], atol=2e-5)

@@ -1,0 +1,36 @@
+"""The main job end to end, as a newcomer runs it: every stage, then the live service."""
+
+import json
+import subprocess
+import sys
+
+from conftest import free_port, write_tiny_amazon
+
+
+def test_demo_runs_every_stage_and_the_service_answers(tmp_path):
+    source = write_tiny_amazon(tmp_path / "source", n_users=16)
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "profilerec", "demo", "--work_dir", str(work), "--prepare.input", str(source),
+           "--finetune.max_steps_per_epoch", "2", "--finetune.eval_max_cases", "20",
+           "--serve.port", str(free_port()), "--ray.num_cpus", "4"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-4000:]
+    out = run.stdout
+    assert "Recommendations for a new user" in out and "Recommendations after those events" in out
+    assert "Wall time per stage" in out
+    report = json.loads((work / "report" / "report.json").read_text())
+    assert set(report["methods"]) == {"popularity", "zero-shot profile, base encoder", "profilerec"}
+    assert (work / "report" / "report.png").stat().st_size > 1000
+    assert (work / "model" / "encoder" / "model.safetensors").is_file()
+    assert (work / "profiles" / "states.parquet").is_file()
+    # the service logged the demo user's events durably
+    wal = list((work / "serve_state").rglob("*.jsonl"))
+    assert any("demo-user" in p.read_text() for p in wal)
+
+
+def test_a_bad_setting_is_one_line_and_exit_code_2(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "profilerec", "demo", "--finetune.epoch", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().startswith("error: unknown setting finetune.epoch")
+    assert "Traceback" not in run.stderr

@@ -1,0 +1,162 @@
+"""The Ray Serve application over real HTTP on localhost."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import requests
+
+from profilerec.config import ServeConfig
+from profilerec.datasets import read_prepared
+from profilerec.profile import states_from_table
+from profilerec.schema import events_from_table
+from profilerec.shard_actors import NAMESPACE, shard_actor_name
+from profilerec.storage import read_table
+
+from conftest import free_port
+
+TOKEN = "test-token-123"
+APP = "svc"
+
+
+@pytest.fixture(scope="module")
+def service(tiny_work, tmp_path_factory, ray_session):
+    from ray import serve
+
+    from profilerec.service import build_app
+
+    state = tmp_path_factory.mktemp("serve_state")
+    (state / "token").write_text(TOKEN)
+    cfg = ServeConfig(prepared=str(tiny_work / "prepared"), embeddings=str(tiny_work / "embeddings"),
+                      model=str(tiny_work / "model"), profiles=str(tiny_work / "profiles"),
+                      state_dir=str(state / "state"), token_file=str(state / "token"), num_shards=2)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name=APP, route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "cfg": cfg}
+    serve.delete(APP)
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def post(service, events, headers=AUTH):
+    return requests.post(f"{service['url']}/v1/events", json={"events": events}, headers=headers, timeout=60)
+
+
+def recs(service, user, **params):
+    r = requests.get(f"{service['url']}/v1/users/{user}/recommendations", params=params, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def item_ids(service):
+    data = read_prepared(service["cfg"].prepared)
+    return data.items.column("item_id").to_pylist()
+
+
+def test_cold_user_gets_the_popularity_ranking(service):
+    popularity = read_table(f"{service['cfg'].profiles}/popularity.parquet").to_pandas()
+    best = popularity.sort_values("count", ascending=False).iloc[0]
+    out = recs(service, "nobody-yet", k=5)
+    assert out["cold_start"] is True and len(out["items"]) == 5
+    assert out["items"][0]["score"] == pytest.approx(np.log1p(best["count"]), rel=1e-5)
+
+
+def test_events_move_the_recommendations_and_repeats_change_nothing(service):
+    items = item_ids(service)
+    before = recs(service, "mover", k=5)
+    events = [{"event_id": f"mv-{n}", "user_id": "mover", "item_id": items[n], "type": "purchase",
+               "ts": 1_700_000_000 + n} for n in range(3)]
+    r = post(service, events)
+    assert r.status_code == 200 and r.json() == {"accepted": 3, "duplicates": 0}
+    after = recs(service, "mover", k=5)
+    assert after["cold_start"] is False
+    assert [i["item_id"] for i in after["items"]] != [i["item_id"] for i in before["items"]]
+    assert post(service, events).json() == {"accepted": 0, "duplicates": 3}
+    assert recs(service, "mover", k=5) == after
+    unseen = recs(service, "mover", k=5, exclude_seen="true")
+    assert not {i["item_id"] for i in unseen["items"]} & set(items[:3])
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda e: e.update(colour="red"), "colour"),
+    (lambda e: e.update(type="teleport"), "type"),
+    (lambda e: e.update(item_id="no-such-item"), "item_id"),
+    (lambda e: e.update(ts="yesterday-ish"), "ts"),
+    (lambda e: e.update(value="five"), "value"),
+    (lambda e: e.pop("user_id"), "user_id"),
+    (lambda e: e.update(text="x" * 10_001), "text"),
+])
+def test_bad_events_get_a_4xx_naming_the_field_and_nothing_is_applied(service, mutate, field):
+    items = item_ids(service)
+    good = {"event_id": "ok-1", "user_id": "strict", "item_id": items[0], "type": "click", "ts": 1_700_000_000}
+    bad = {"event_id": "bad-1", "user_id": "strict", "item_id": items[1], "type": "click", "ts": 1_700_000_001}
+    mutate(bad)
+    r = post(service, [good, bad])
+    assert r.status_code == 422, r.text
+    assert field in str(r.json()["detail"]), r.text
+    assert "Traceback" not in r.text
+    assert requests.get(f"{service['url']}/v1/users/strict/profile", timeout=60).status_code == 404
+
+
+def test_malformed_requests_get_4xx(service):
+    url = service["url"]
+    assert requests.post(f"{url}/v1/events", data=b"{not json", headers=AUTH, timeout=60).status_code == 422
+    assert post(service, []).status_code == 422
+    too_many = [{"event_id": f"x{n}", "user_id": "u", "item_id": item_ids(service)[0], "type": "view"}
+                for n in range(1001)]
+    assert post(service, too_many).status_code == 422
+    assert requests.get(f"{url}/v1/users/u/recommendations", params={"k": 0}, timeout=60).status_code == 422
+    assert requests.get(f"{url}/v1/users/u/recommendations", params={"k": "ten"}, timeout=60).status_code == 422
+
+
+def test_writes_need_the_bearer_token(service):
+    event = [{"event_id": "auth-1", "user_id": "a", "item_id": item_ids(service)[0], "type": "view"}]
+    assert post(service, event, headers={}).status_code == 401
+    assert post(service, event, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    r = requests.delete(f"{service['url']}/v1/users/a", timeout=60)
+    assert r.status_code == 401
+
+
+def test_profile_explains_and_delete_forgets(service):
+    items = item_ids(service)
+    post(service, [{"event_id": f"fg-{n}", "user_id": "forgetme", "item_id": items[5 + n], "type": "cart",
+                    "ts": 1_700_000_000 + n} for n in range(2)])
+    profile = requests.get(f"{service['url']}/v1/users/forgetme/profile", timeout=60).json()
+    assert [e["item_id"] for e in profile["recent_events"]] == [items[6], items[5]]
+    assert len(profile["recommended_because"]) == 3
+    r = requests.delete(f"{service['url']}/v1/users/forgetme", headers=AUTH, timeout=60)
+    assert r.json() == {"user_id": "forgetme", "forgotten": True}
+    assert requests.get(f"{service['url']}/v1/users/forgetme/profile", timeout=60).status_code == 404
+    assert recs(service, "forgetme")["cold_start"] is True
+
+
+def test_health(service):
+    r = requests.get(f"{service['url']}/healthz", timeout=60)
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["shards"] == 2
+
+
+def test_profiles_built_event_by_event_in_the_service_equal_the_batch_job(service, ray_session):
+    """The whole log of a few users, posted in small batches, gives the batch job's states."""
+    data = read_prepared(service["cfg"].prepared)
+    by_user = {}
+    for event in events_from_table(data.events):
+        by_user.setdefault(event.user_id, []).append(event)
+    users = list(by_user)[:6]
+    stream = [e for u in users for e in by_user[u]]
+    for start in range(0, len(stream), 7):
+        batch = [{k: v for k, v in dataclasses.asdict(e).items() if v is not None} for e in stream[start:start + 7]]
+        assert post(service, batch).status_code == 200
+    batch_states = {s.user_id: s for s in states_from_table(read_table(f"{service['cfg'].profiles}/states.parquet"))}
+    served = {}
+    for shard in range(2):
+        actor = ray_session.get_actor(shard_actor_name(APP, shard, 2), namespace=NAMESPACE)
+        served.update({s.user_id: s for s in states_from_table(ray_session.get(actor.state_table.remote()))})
+    for user in users:
+        live, batch = served[user], batch_states[user]
+        np.testing.assert_allclose(live.long_sum, batch.long_sum, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(live.short_sum, batch.short_sum, rtol=1e-6, atol=1e-7)
+        assert live.recent == batch.recent and live.n_events == batch.n_events
+        assert live.long_weight == pytest.approx(batch.long_weight)
+        assert live.counters == pytest.approx(batch.counters)
