@@ -409,3 +409,13 @@ def test_prepare_job_reports_user_errors_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: input folder not found: {tmp_path / 'absent'}"
     assert "Traceback" not in proc.stderr
+
+
+def test_sampled_catalog_keeps_only_touched_items(tmp_path):
+    out = tmp_path / "prepared"
+    data = prepare(PrepareConfig(source="amazon", input=str(SAMPLE), output=str(out), sample_users=20,
+                                 sample_items=True))
+    touched = set(data.events.column("item_id").to_pylist())
+    assert set(data.items.column("item_id").to_pylist()) == touched
+    assert len(touched) < 1143 and data.num_users == 20
+    assert any("catalog cut" in n for n in data.notes)

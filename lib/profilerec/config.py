@@ -26,10 +26,13 @@ SHARED_DATA = os.path.join("..", "shared", "data")
 
 
 def default_data_path() -> str:
-    """The Amazon Industrial folder next to the checkout, else the sample bundled with the package."""
-    shared = os.path.join(SHARED_DATA, "amazon-industrial")
-    if os.path.isdir(shared):
-        return shared
+    """Amazon Industrial in ../shared/data (next to the working directory or to the checkout this
+    package is installed from), else the sample bundled with the package."""
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for base in (os.getcwd(), checkout):
+        shared = os.path.join(base, SHARED_DATA, "amazon-industrial")
+        if os.path.isdir(shared):
+            return os.path.normpath(shared)
     return os.path.join(os.path.dirname(__file__), "sample_data", "amazon-industrial-sample")
 
 
@@ -54,6 +57,9 @@ class PrepareConfig:
     columns: dict[str, str] = field(default_factory=dict)
     # keep only this many users (the first ones in a stable hash order); None keeps all
     sample_users: Optional[int] = None
+    # with sample_users: also cut the catalog to the items those users touched (a fast demo;
+    # metrics on a cut catalog are not comparable with published full-catalog figures)
+    sample_items: bool = False
     # evaluation protocol for logs without a published split: hold out each user's last positive
     # event (test) and the one before (valid)
     positive_min_value: float = 4.0
@@ -155,7 +161,8 @@ class PipelineConfig:
     """
 
     work_dir: str = DEFAULT_WORK_DIR
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    # a few hundred real users and the items they touched: the whole workflow in minutes
+    prepare: PrepareConfig = field(default_factory=lambda: PrepareConfig(sample_users=400, sample_items=True))
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=1, max_steps_per_epoch=40))
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

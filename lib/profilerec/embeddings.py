@@ -11,6 +11,7 @@ each where the cluster has GPUs) with `map_batches`; the output is Parquet:
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any, Optional
 
@@ -82,6 +83,8 @@ def encode_to_parquet(table: pa.Table, location: str, cfg: EncodeConfig, use_gpu
     import ray
 
     key = table.column_names[0]
+    if not sys.stdout.isatty():  # logged progress: one summary line per interval, not one per operator
+        ray.data.DataContext.get_current().enable_operator_progress_bars = False
     gpus = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else (1.0 if use_gpu else 0.0)
     threads = None if gpus else max(1, round(cfg.num_cpus_per_actor))
     started = time.perf_counter()

@@ -41,7 +41,7 @@ def _stage(name: str, timings: dict[str, float]) -> Iterator[None]:
 
 def stage_configs(cfg: PipelineConfig) -> PipelineConfig:
     """`cfg` with every section's input/output locations placed under `cfg.work_dir`."""
-    work = cfg.work_dir
+    work = storage.absolute(cfg.work_dir)
     prepared, base, model = (storage.join(work, p) for p in ("prepared", "embeddings/base", "model"))
     model_emb, profiles = storage.join(work, "embeddings/model"), storage.join(work, "profiles")
     replace = dataclasses.replace

@@ -7,6 +7,7 @@ shard that owns their user, and waits until each shard has logged them before an
 
 
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -165,7 +166,9 @@ class Ingress:
 
 
 def build_app(cfg: ServeConfig):
-    """The application bound to `cfg` (used by jobs/pipeline.py and the tests)."""
+    """The application bound to `cfg`, its local paths made absolute for the replicas and actors."""
+    paths = ("prepared", "embeddings", "model", "profiles", "state_dir", "token_file")
+    cfg = dataclasses.replace(cfg, **{p: storage.absolute(getattr(cfg, p)) for p in paths})
     return Ingress.bind(to_dict(cfg))
 
 

@@ -37,6 +37,13 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(location)
 
 
+def absolute(location: Optional[str]) -> Optional[str]:
+    """A local path made absolute (Ray workers and actors run in other directories); URIs as they are."""
+    if location is None or is_uri(location):
+        return location
+    return os.path.abspath(location)
+
+
 def join(location: str, *parts: str) -> str:
     """`location/part/...`, keeping a URI's query string (endpoint settings) at the end."""
     base, query = (location.split("?", 1) + [""])[:2] if is_uri(location) else (location, "")

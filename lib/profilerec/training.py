@@ -11,6 +11,7 @@ One checkpoint per epoch (the model folder plus optimizer state) goes through
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -83,6 +84,30 @@ def finetune_loop(config: dict[str, Any]) -> None:
             start_epoch, best, stale, history = _restore(folder, encoder, optimizer, scheduler)
         log.info("resuming from the checkpoint after epoch %d (best %s %.4f)", start_epoch, METRIC, best)
 
+    def finish_epoch(epoch: int, losses: list[float], started: float) -> None:
+        """Validate, then report and checkpoint the epoch (every worker reports, rank 0 saves)."""
+        nonlocal best, stale
+        encoder.model.eval()
+        metrics = evaluate_encoder(encoder, data.items, eval_cases, params)
+        score = metrics["NDCG@10"]
+        stale = 0 if score > best else stale + 1
+        best = max(best, score)
+        report = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, METRIC: score,
+                  "val_hr10": metrics["HR@10"], "best": best, "steps": len(losses),
+                  "seconds": round(time.perf_counter() - started, 1)}
+        history.append(report)
+        log.info("epoch %d: %s", epoch, report)
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:
+                _save(folder, encoder, optimizer, scheduler, epoch, best, stale, history)
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            else:
+                ray.train.report(report)
+
+    if not checkpoint:
+        # epoch 0 is the untuned encoder: if no epoch beats it, the best checkpoint is the original
+        finish_epoch(0, [], time.perf_counter())
+        stale = 0
     for epoch in range(start_epoch, cfg.epochs):
         if stale >= cfg.patience:
             log.info("early stop: %s has not improved for %d epochs", METRIC, stale)
@@ -104,21 +129,7 @@ def finetune_loop(config: dict[str, Any]) -> None:
             optimizer.step()
             scheduler.step()
             losses.append(float(loss))
-        encoder.model.eval()
-        metrics = evaluate_encoder(encoder, data.items, eval_cases, params)
-        score = metrics["NDCG@10"]
-        stale = 0 if score > best else stale + 1
-        best = max(best, score)
-        report = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                  METRIC: score, "val_hr10": metrics["HR@10"], "best": best, "steps": len(losses),
-                  "seconds": round(time.perf_counter() - started, 1)}
-        history.append(report)
-        with tempfile.TemporaryDirectory() as folder:
-            if rank == 0:
-                _save(folder, encoder, optimizer, scheduler, epoch + 1, best, stale, history)
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
-            else:
-                ray.train.report(report)
+        finish_epoch(epoch + 1, losses, started)
 
 
 def case_loss(encoder: TextEncoder, cases: Sequence[Case], texts: dict[str, str], params: ProfileParams,
@@ -213,8 +224,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from profilerec.cluster import cluster_gpus, init_ray
 
     init_ray(cfg.ray)
+    # the workers run in another directory: hand them absolute locations
+    cfg = dataclasses.replace(cfg, input=storage.absolute(cfg.input), output=storage.absolute(cfg.output),
+                              model=_absolute_model(cfg.model))
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() > 0
-    storage_path = cfg.storage_path or _default_storage(cfg.output)
+    storage_path = storage.absolute(cfg.storage_path) or _default_storage(cfg.output)
     name = f"{cfg.run_name}-{run_fingerprint(cfg)}"
     started = time.perf_counter()
     trainer = TorchTrainer(
@@ -239,12 +253,20 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         metrics = _read_metrics(folder)
         metrics.pop("history")
         storage.upload_dir(os.path.join(folder, ENCODER_DIR), storage.join(cfg.output, ENCODER_DIR))
+    if metrics["epoch"] == 0:
+        log.warning("fine-tuning did not beat the untuned encoder on %s; keeping the untuned encoder", METRIC)
     manifest = {"encoder": ENCODER_DIR, "base_model": cfg.model, "run": name, "storage_path": storage_path,
                 "best_epoch": metrics["epoch"], "metrics": metrics, "history": history, "use_gpu": use_gpu,
+                "last_checkpoint": result.checkpoint.path,
                 "num_workers": cfg.num_workers, "seconds": round(time.perf_counter() - started, 1),
                 "profile": ProfileParams().to_dict()}
     storage.write_json(manifest, storage.join(cfg.output, "manifest.json"))
     return manifest
+
+
+def _absolute_model(model: str) -> str:
+    """A model given as a local folder becomes absolute; "default" and hub ids stay as they are."""
+    return storage.absolute(model) if os.path.isdir(model) else model
 
 
 def _read_metrics(folder: str) -> dict[str, Any]:

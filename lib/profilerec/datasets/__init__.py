@@ -52,9 +52,24 @@ def prepare(cfg: Any) -> PreparedData:
     if cfg.source == "generic":
         options.update(events_file=cfg.events_file, items_file=cfg.items_file, columns=dict(cfg.columns))
     data = load_source(cfg.source, cfg.input, **options)
+    if cfg.sample_users is not None and cfg.sample_items:
+        data = only_touched_items(data)
     write_prepared(data, cfg.output)
     log.info("prepared %s -> %s in %.1f s", cfg.input, cfg.output, time.perf_counter() - started)
     return data
+
+
+def only_touched_items(data: PreparedData) -> PreparedData:
+    """`data` with the catalog cut to the items its events mention (a small, fast sample)."""
+    import dataclasses
+
+    import pyarrow.compute as pc
+
+    touched = pc.unique(pc.drop_null(data.events.column("item_id")))
+    items = data.items.filter(pc.is_in(data.items.column("item_id"), touched))
+    notes = data.notes + [f"catalog cut to the {items.num_rows} items the sampled users touched "
+                          f"(of {data.items.num_rows}): metrics are not comparable with the full catalog"]
+    return dataclasses.replace(data, items=items, notes=notes)
 
 
 def write_prepared(data: PreparedData, output_uri: str) -> None:
