@@ -1,7 +1,8 @@
 """Shared fixtures: one local Ray instance per session and a small real work folder.
 
 The work folder is built the way users build theirs: a slice of the bundled Amazon sample goes
-through the prepare job, the Ray Data encode job (real default model) and the batch profiles job.
+through the prepare job, the Ray Data encode job (real default model), the Ray Train scorer job
+and the batch profiles job.
 """
 
 import json
@@ -58,17 +59,21 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def tiny_work(tmp_path_factory, ray_session):
-    """A prepared + encoded + profiled work folder of a few dozen real users (zero-shot encoder)."""
+    """A prepared + encoded + trained + profiled work folder of a few dozen real users: the untuned
+    encoder's embeddings, a profile scorer trained on them (work/model/scorer), the batch profiles."""
     from profilerec.batch_profiles import run_profiles
-    from profilerec.config import EncodeConfig, PrepareConfig, ProfilesConfig
+    from profilerec.config import EncodeConfig, PrepareConfig, ProfilesConfig, TrainConfig
     from profilerec.datasets import prepare
     from profilerec.embeddings import run_encode
+    from profilerec.scorer_training import run_train
 
     base = tmp_path_factory.mktemp("tiny")
     source = write_tiny_amazon(base / "source")
     work = base / "work"
     prepare(PrepareConfig(source="amazon", input=str(source), output=str(work / "prepared")))
     run_encode(EncodeConfig(input=str(work / "prepared"), output=str(work / "embeddings")), use_gpu=False)
+    run_train(TrainConfig(input=str(work / "prepared"), embeddings=str(work / "embeddings"), output=str(work / "model"),
+                          epochs=4, patience=4, storage_path=str(base / "ray_train")))
     run_profiles(ProfilesConfig(input=str(work / "prepared"), embeddings=str(work / "embeddings"),
                                 model=str(work / "model"), output=str(work / "profiles")))
     return work

@@ -10,7 +10,7 @@ from profilerec.config import ServeConfig
 from profilerec.datasets import read_prepared
 from profilerec.profile import states_from_table
 from profilerec.schema import events_from_table
-from profilerec.shard_actors import NAMESPACE, shard_actor_name
+from profilerec.shard_actors import NAMESPACE, load_serving_recommender, shard_actor_name
 from profilerec.storage import read_table
 
 from conftest import free_port
@@ -160,3 +160,11 @@ def test_profiles_built_event_by_event_in_the_service_equal_the_batch_job(servic
         assert live.recent == batch.recent and live.n_events == batch.n_events
         assert live.long_weight == pytest.approx(batch.long_weight)
         assert live.counters == pytest.approx(batch.counters)
+    # and what the service recommends is what the evaluated model gives for the batch-built profile
+    recommender = load_serving_recommender(service["cfg"])
+    assert recommender.scorer is not None
+    for user in users:
+        expected = recommender.recommend(batch_states[user], k=5)
+        got = recs(service, user, k=5)["items"]
+        assert [i["item_id"] for i in got] == [i["item_id"] for i in expected]
+        assert [i["score"] for i in got] == pytest.approx([i["score"] for i in expected], rel=1e-5, abs=1e-5)

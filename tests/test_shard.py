@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from profilerec.index import ItemIndex
+from profilerec.priors import empty_priors
 from profilerec.profile import ProfileParams
 from profilerec.recommend import Recommender
 from profilerec.schema import Event
@@ -18,7 +19,9 @@ def recommender():
     vectors = rng.normal(size=(20, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     index = ItemIndex([f"i{n}" for n in range(20)], vectors, titles=[f"Item {n}" for n in range(20)])
-    return Recommender(index, ProfileParams(), popularity=np.arange(20, dtype=np.float64))
+    priors = empty_priors(20)
+    priors.popularity = np.arange(20, dtype=np.float64)
+    return Recommender(index, ProfileParams(), priors=priors)
 
 
 def events(user, start, n, item_offset=0):

@@ -3,6 +3,7 @@
 Output (under the job's output location):
     states.parquet      one row per user: the profile state (profile.states_to_table)
     popularity.parquet  item_id, count: the cold-start prior the service ranks new users by
+    transitions.parquet item_id, next_item_id, count: what users touched next, for the scorer
 """
 
 from __future__ import annotations
@@ -13,28 +14,29 @@ from typing import Any
 
 from profilerec import storage
 from profilerec.config import ProfilesConfig
-from profilerec.priors import write_popularity
+from profilerec.priors import item_priors, write_priors
 from profilerec.profile import build_profile, states_to_table
-from profilerec.recommend import load_recommender, popularity_counts
+from profilerec.recommend import load_profile_params, load_recommender
 from profilerec.replay import user_sequences
-from profilerec.shard_actors import load_profile_params
 
 log = logging.getLogger(__name__)
 
 
 def run_profiles(cfg: ProfilesConfig) -> dict[str, Any]:
-    """Build all profiles from the prepared log; write states and the popularity prior."""
+    """Build all profiles from the prepared log; write states and the item priors."""
     from profilerec.datasets import read_prepared
 
     started = time.perf_counter()
     data = read_prepared(cfg.input)
-    recommender = load_recommender(data.items, cfg.embeddings, load_profile_params(cfg.model))
+    recommender = load_recommender(data.items, cfg.embeddings, load_profile_params(cfg.model), model=cfg.model)
+    sequences = user_sequences(data.events)
     states = [
         build_profile(user_id, events, recommender.vector_of, recommender.params, recommender.index.meta)
-        for user_id, events in user_sequences(data.events).items()
+        for user_id, events in sequences.items()
     ]
     storage.write_table(states_to_table(states), storage.join(cfg.output, "states.parquet"))
-    write_popularity(popularity_counts(data.events, recommender.index), recommender.index, cfg.output)
+    span = recommender.scorer.params.transition_span if recommender.scorer is not None else 1
+    write_priors(item_priors(sequences, recommender.index, span=span), recommender.index, cfg.output)
     summary = {"users": len(states), "events": data.events.num_rows, "output": cfg.output,
                "seconds": round(time.perf_counter() - started, 2)}
     log.info("built %d profiles from %d events in %.1f s", len(states), data.events.num_rows, summary["seconds"])

@@ -16,6 +16,7 @@ commands:
   prepare    source files -> canonical Parquet
   encode     texts -> embeddings on a Ray Data actor pool
   finetune   fine-tune the encoder with Ray Train
+  train      fit the profile scorer (the recommendation model) with Ray Train
   profiles   every user's profile from the whole log
   evaluate   full-ranking evaluation with baselines
 

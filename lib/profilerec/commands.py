@@ -10,7 +10,7 @@ import json
 from typing import Optional
 
 from profilerec.config import (EncodeConfig, EvaluateConfig, FinetuneConfig, PipelineConfig, PrepareConfig,
-                               ProfilesConfig, load_config)
+                               ProfilesConfig, TrainConfig, load_config)
 
 
 def prepare(argv: Optional[list[str]] = None) -> None:
@@ -41,6 +41,18 @@ def finetune(argv: Optional[list[str]] = None) -> None:
     cfg = load_config(FinetuneConfig, argv)
     manifest = run_finetune(cfg)
     print(f"best epoch {manifest['best_epoch']} ({json.dumps(manifest['metrics'])}); model in {cfg.output}")
+
+
+def train(argv: Optional[list[str]] = None) -> None:
+    """Fit the profile scorer with Ray Train; it goes to <output>/scorer."""
+    from profilerec.scorer_training import run_train
+
+    cfg = load_config(TrainConfig, argv)
+    manifest = run_train(cfg)
+    valid = ", ".join(f"{k} {v:.4f}" for k, v in manifest["validation"].items())
+    refit = f", then refit on {cfg.train_splits + [cfg.eval_split]}" if cfg.refit else ""
+    print(f"best epoch {manifest['best_epoch']} on {cfg.eval_split} ({valid}){refit}; "
+          f"scorer in {cfg.output}/scorer ({manifest['seconds']} s)")
 
 
 def profiles(argv: Optional[list[str]] = None) -> None:
@@ -75,6 +87,7 @@ COMMANDS = {
     "prepare": prepare,
     "encode": encode,
     "finetune": finetune,
+    "train": train,
     "profiles": profiles,
     "evaluate": evaluate,
 }

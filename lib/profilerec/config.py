@@ -109,6 +109,51 @@ class FinetuneConfig:
 
 
 @dataclass
+class ScorerConfig:
+    """Architecture of the profile scorer (model.py), saved with it. Each switch is one ablation."""
+
+    id_embeddings: bool = False  # learned per-item vectors next to the text (overfit small logs)
+    attention: bool = True  # attention over the recent window (position, time gap, event type)
+    interests: bool = True  # the long- and short-term interest vectors in the user vector
+    repeat: bool = True  # a learned bonus for items already in the window, by position
+    transitions: bool = True  # what users touched next after each window item, from the log
+    popularity: bool = True  # the log-count of each item
+    transition_span: int = 1  # count pairs up to this many events apart
+    dropout: float = 0.2
+    types: list[str] = field(default_factory=lambda: [
+        "view", "click", "cart", "purchase", "review", "rating", "search", "tag"])
+
+
+@dataclass
+class TrainConfig:
+    """jobs/train.py: Ray Train fitting of the profile scorer on next-item prediction.
+
+    Epochs are chosen on `eval_split` (early stopping on NDCG@10); with `refit` the scorer is then
+    trained again from scratch on the training splits plus `eval_split` for that many epochs
+    (those events precede later splits), and that model is the one written and served.
+    """
+
+    input: str = f"{DEFAULT_WORK_DIR}/prepared"
+    embeddings: str = f"{DEFAULT_WORK_DIR}/embeddings/base"
+    output: str = f"{DEFAULT_WORK_DIR}/model"
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    epochs: int = 15  # at most; the refit trains as many as validation chose
+    patience: int = 3
+    batch_size: int = 128
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    train_splits: list[str] = field(default_factory=lambda: ["train"])
+    eval_split: str = "valid"
+    refit: bool = True
+    num_workers: int = 1
+    use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
+    seed: int = 0
+    storage_path: Optional[str] = None  # Ray Train checkpoints; None = <output>/../ray_train
+    run_name: str = "profilerec-train"
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
 class ProfilesConfig:
     """jobs/profiles.py: every user's profile state built in batch from the event log."""
 
@@ -165,9 +210,11 @@ class PipelineConfig:
     prepare: PrepareConfig = field(default_factory=lambda: PrepareConfig(sample_users=400, sample_items=True))
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=1, max_steps_per_epoch=40))
+    train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
-    run_finetune: bool = True
+    # fine-tune the encoder too (slow on a CPU; on Amazon it did not beat the untuned encoder)
+    run_finetune: bool = False
     run_service: bool = True  # start the service and send the demo requests
     keep_serving: bool = False  # leave the service running (Ctrl-C stops it)
     ray: RayConfig = field(default_factory=RayConfig)

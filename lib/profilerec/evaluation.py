@@ -17,12 +17,14 @@ import pyarrow as pa
 
 from profilerec import storage
 from profilerec.config import EvaluateConfig
+from profilerec.errors import ConfigError
 from profilerec.embeddings import item_texts
 from profilerec.index import ItemIndex
 from profilerec.metrics import ranking_metrics, target_ranks
 from profilerec.profile import ProfileParams
-from profilerec.recommend import Recommender, load_recommender, popularity_counts
-from profilerec.replay import Case, case_states, hidden_event_ids, iter_cases, target_rows, user_sequences
+from profilerec.priors import item_priors
+from profilerec.recommend import Recommender, load_profile_params, load_recommender
+from profilerec.replay import Case, case_states, hidden_event_ids, iter_cases, later_splits, target_rows, user_sequences
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,18 @@ def evaluate_encoder(encoder, items: pa.Table, cases: Sequence[Case], params: Pr
     return ranking_metrics(case_ranks(Recommender(index, params), cases), ks)
 
 
-def split_recommender(data, embeddings: str, split: str, params: Optional[ProfileParams] = None) -> Recommender:
-    """A Recommender whose popularity prior ignores the targets of `split` and later splits."""
-    recommender = load_recommender(data.items, embeddings, params)
-    recommender.popularity = popularity_counts(data.events, recommender.index, hidden_event_ids(data.cases, split))
+def split_recommender(data, sequences: dict, embeddings: str, split: str, model: Optional[str] = None,
+                      params: Optional[ProfileParams] = None) -> Recommender:
+    """A Recommender (with the scorer saved in `model`, if any) whose item priors ignore the
+    targets of `split` and later splits. A scorer trained on targets of `split` is refused."""
+    recommender = load_recommender(data.items, embeddings, params, model=model)
+    span = recommender.scorer.params.transition_span if recommender.scorer is not None else 1
+    if recommender.scorer is not None:
+        seen = set(recommender.scorer.trained_on) & set(later_splits(split))
+        if seen:
+            raise ConfigError(f"the scorer in {model} was trained on the targets of {sorted(seen)}: evaluating it "
+                              f"on {split!r} would be meaningless (train with --refit false, or evaluate a later split)")
+    recommender.set_priors(item_priors(sequences, recommender.index, hidden_event_ids(data.cases, split), span))
     return recommender
 
 
@@ -96,12 +106,16 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         results.append(MethodResult(name, ranking_metrics(ranks, cfg.ks), round(time.perf_counter() - started, 2)))
         log.info("%s: %s", name, _fmt(results[-1].metrics))
 
-    model = split_recommender(data, cfg.embeddings, cfg.split)
+    params = load_profile_params(cfg.model)
+    model = split_recommender(data, sequences, cfg.embeddings, cfg.split, cfg.model, params)
     if cfg.baselines:
         measure("popularity", lambda: popularity_ranks(model, cases))
         if cfg.baseline_embeddings and storage.exists(storage.join(cfg.baseline_embeddings, "items")):
-            base = split_recommender(data, cfg.baseline_embeddings, cfg.split)
+            base = split_recommender(data, sequences, cfg.baseline_embeddings, cfg.split, None, params)
             measure("zero-shot profile, base encoder", lambda: case_ranks(base, cases))
+        if model.scorer is not None:
+            plain = split_recommender(data, sequences, cfg.embeddings, cfg.split, None, params)
+            measure("zero-shot profile", lambda: case_ranks(plain, cases))
     measure(cfg.method_name, lambda: case_ranks(model, cases))
 
     report = {

@@ -1,14 +1,203 @@
-"""The trainable parts and their loss.
+"""The trainable parts and their losses.
 
-Encoder fine-tuning: the user side is the profile itself (profile.py's update run on embeddings
-that carry gradients), the item side the encoder's item vectors; next-item prediction is a
-contrastive loss with the other items of the batch as negatives.
+ProfileScorer turns a profile (profile.py's state: the recent window and the long/short interest
+vectors) into a score for every item. It adds, as logits on one scale:
+
+- content: the similarity of a user vector to each item's vector. Items are their frozen text
+  embedding through a learned projection, plus an ID embedding (zero at first, so items with
+  no history stay pure text); the user vector is attention over the recent window (position,
+  time gap and event type as features, queried by the newest event) mixed with the newest
+  item and the long- and short-term interest vectors;
+- repeat: a learned bonus for an item already in the window, by its position;
+- transitions: item-to-item counts learned from the log (what users touched next after each
+  window item), by position, as log-counts and as conditional frequencies;
+- popularity: the log-count of each item.
+
+Every part is O(window) per user plus one matmul over the items, and the same module scores in
+training (with gradients), evaluation and serving. Encoder fine-tuning keeps its contrastive
+loss below.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from profilerec.config import ScorerConfig, from_dict, to_dict
+from profilerec.priors import ItemPriors
+from profilerec.profile import ProfileParams, ProfileState, interest_vectors, window_features
+
+# features the attention reads per window slot besides the item vector
+GAP_FEATURES = 1
+
+
+@dataclass
+class ScorerBatch:
+    """The model inputs for a batch of profiles (tensors, see `scorer_batch`)."""
+
+    items: torch.Tensor  # [B, W] item rows, -1 = empty slot (right-aligned, newest last)
+    types: torch.Tensor  # [B, W]
+    weights: torch.Tensor  # [B, W]
+    gaps: torch.Tensor  # [B, W]
+    positions: torch.Tensor  # [B, W] 0 = newest
+    mask: torch.Tensor  # [B, W] bool
+    long: torch.Tensor  # [B, D] (zeros for an empty profile)
+    short: torch.Tensor  # [B, D]
+
+    def to(self, device: Any) -> "ScorerBatch":
+        """The same batch on `device`."""
+        return ScorerBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+def scorer_batch(states: Sequence[ProfileState], row_of, params: ProfileParams, scorer_params: ScorerConfig,
+                 dim: int) -> ScorerBatch:
+    """Turn profile states into model inputs (the one conversion training and serving share)."""
+    type_ids = {t: i + 1 for i, t in enumerate(scorer_params.types)}  # 0 = other
+    win = window_features(states, row_of, params, type_ids)
+    long = np.zeros((len(states), dim), dtype=np.float32)
+    short = np.zeros((len(states), dim), dtype=np.float32)
+    for b, state in enumerate(states):
+        lv, sv = interest_vectors(state)
+        if lv is not None:
+            long[b] = lv
+            short[b] = sv if sv is not None else lv
+    return ScorerBatch(
+        items=torch.from_numpy(win["items"]), types=torch.from_numpy(win["types"]),
+        weights=torch.from_numpy(win["weights"]), gaps=torch.from_numpy(win["gaps"]),
+        positions=torch.from_numpy(win["positions"]), mask=torch.from_numpy(win["mask"]),
+        long=torch.from_numpy(long), short=torch.from_numpy(short),
+    )
+
+
+class ProfileScorer(nn.Module):
+    """Scores every item for a batch of profiles; see the module docstring for the parts."""
+
+    def __init__(self, item_vectors: np.ndarray, priors: ItemPriors, window: int,
+                 params: Optional[ScorerConfig] = None):
+        super().__init__()
+        n, dim = item_vectors.shape
+        params = params or ScorerConfig()
+        self.params = params
+        self.window = window
+        self.trained_on: list[str] = []  # splits whose targets it learned from (set when loaded)
+        # item vectors and priors come from the index and the log at load time, not from the weights
+        self.register_buffer("item_vectors", torch.as_tensor(item_vectors, dtype=torch.float32), persistent=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        nn.init.eye_(self.proj.weight)
+        self.item_ids = nn.Embedding(n, dim) if params.id_embeddings else None
+        if self.item_ids is not None:
+            nn.init.zeros_(self.item_ids.weight)
+        self.pos_emb = nn.Embedding(window, dim)
+        self.type_emb = nn.Embedding(len(params.types) + 1, dim)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        nn.init.normal_(self.type_emb.weight, std=0.02)
+        self.gap = nn.Linear(GAP_FEATURES, dim)
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(params.dropout)
+        # user vector = mix of [newest item, attention, short-term, long-term]
+        self.mix = nn.Parameter(torch.tensor([1.0, 0.5, 0.5, 0.25]))
+        self.scale = nn.Parameter(torch.tensor(math.log(20.0)))  # logit scale of the cosine, learned
+        self.repeat = nn.Parameter(torch.zeros(window))
+        self.trans = nn.Parameter(torch.zeros(window, 2))
+        self.pop = nn.Parameter(torch.zeros(1))
+        self.set_priors(priors)
+
+    def set_priors(self, priors: ItemPriors) -> None:
+        """Use these item statistics (a grown log, a new catalog) without retraining the rest."""
+        rows = np.repeat(np.arange(priors.num_items), np.diff(priors.indptr))
+        totals = np.zeros(priors.num_items, dtype=np.float32)
+        np.add.at(totals, rows, priors.counts)
+        buffers = {"t_indptr": torch.as_tensor(priors.indptr, dtype=torch.int64),
+                   "t_indices": torch.as_tensor(priors.indices, dtype=torch.int64),
+                   "t_counts": torch.as_tensor(priors.counts, dtype=torch.float32),
+                   "t_totals": torch.as_tensor(totals[rows], dtype=torch.float32),
+                   "popularity": torch.as_tensor(priors.popularity, dtype=torch.float32)}
+        self.span = priors.span
+        for name, value in buffers.items():
+            self.register_buffer(name, value.to(self.item_vectors.device), persistent=False)
+
+    def item_matrix(self) -> torch.Tensor:
+        """[items, D] unit vectors the user vector is compared with."""
+        reps = self.proj(self.item_vectors)
+        if self.item_ids is not None:
+            reps = reps + self.item_ids.weight
+        return F.normalize(reps, dim=-1)
+
+    def user_vectors(self, batch: ScorerBatch, items: torch.Tensor) -> torch.Tensor:
+        """[B, D] unit user vectors from the window and the interest vectors."""
+        p = self.params
+        rows = batch.items.clamp(min=0)
+        slots = items[rows] * batch.mask[..., None]  # [B, W, D]
+        newest = slots[:, -1]
+        parts = [newest]
+        if p.attention:
+            keys = self.key(self.drop(slots + self.pos_emb(batch.positions) + self.type_emb(batch.types)
+                                      + self.gap(batch.gaps[..., None])))
+            logits = (keys * self.query(newest)[:, None, :]).sum(-1) / math.sqrt(keys.shape[-1])
+            logits = logits.masked_fill(~batch.mask, -1e9)
+            attn = torch.softmax(logits, dim=-1) * batch.mask
+            parts.append((attn[..., None] * slots).sum(1))
+        else:
+            parts.append(torch.zeros_like(newest))
+        if p.interests:
+            parts += [F.normalize(self.proj(batch.short), dim=-1), F.normalize(self.proj(batch.long), dim=-1)]
+        else:
+            parts += [torch.zeros_like(newest), torch.zeros_like(newest)]
+        user = sum(w * v for w, v in zip(self.mix, parts))
+        return F.normalize(self.drop(user), dim=-1)
+
+    def forward(self, batch: ScorerBatch, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, items] logits. In training, pass the `targets` whose own events are counted in the
+        priors: their counts are taken out again (leave-one-out), or the model would learn to
+        trust priors that already contain the answer."""
+        items = self.item_matrix()
+        logits = self.scale.exp() * self.user_vectors(batch, items) @ items.T
+        if self.params.popularity:
+            pop = self.popularity[None, :].expand(len(logits), -1)
+            if targets is not None:
+                pop = pop.index_put((torch.arange(len(targets), device=pop.device), targets),
+                                    torch.full_like(targets, -1.0, dtype=pop.dtype), accumulate=True)
+            logits = logits + self.pop * torch.log1p(pop.clamp(min=0))
+        b_idx, p_idx = torch.nonzero(batch.mask, as_tuple=True)
+        rows = batch.items[b_idx, p_idx]
+        pos = batch.positions[b_idx, p_idx]
+        if self.params.repeat:
+            logits = logits.index_put((b_idx, rows), self.repeat[pos], accumulate=True)
+        if self.params.transitions and len(rows):
+            logits = self._add_transitions(logits, b_idx, rows, pos, targets)
+        return logits
+
+    def _add_transitions(self, logits, b_idx, rows, pos, targets):
+        # gather the CSR rows of the window items without densifying the item-item matrix
+        starts, ends = self.t_indptr[rows], self.t_indptr[rows + 1]
+        lengths = ends - starts
+        total = int(lengths.sum())
+        if total == 0:
+            return logits
+        slot = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), lengths)
+        offset = torch.arange(total, device=rows.device) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        nz = starts[slot] + offset
+        counts, totals = self.t_counts[nz], self.t_totals[nz]
+        if targets is not None:
+            # item_priors counts a pair at distance d as 1/d; the newest window item is at distance 1
+            distance = (pos[slot] + 1).float()
+            own = ((self.t_indices[nz] == targets[b_idx[slot]]) & (distance <= self.span)).float() / distance
+            counts, totals = (counts - own).clamp(min=0), (totals - own).clamp(min=0)
+        feats = torch.stack([torch.log1p(counts), counts / totals.clamp(min=1.0)], dim=-1)
+        values = (feats * self.trans[pos[slot]]).sum(-1)
+        return logits.index_put((b_idx[slot], self.t_indices[nz]), values, accumulate=True)
+
+
+def full_softmax_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the target against every item (the ranking task itself)."""
+    return F.cross_entropy(logits, targets)
 
 
 def contrastive_loss(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
@@ -20,3 +209,53 @@ def contrastive_loss(queries: torch.Tensor, keys: torch.Tensor, positives: torch
     """
     logits = queries @ keys.T / temperature
     return F.cross_entropy(logits, positives)
+
+
+SCORER_WEIGHTS = "scorer.pt"
+SCORER_META = "scorer.json"
+
+
+def save_scorer(model: ProfileScorer, folder: str, item_ids: Sequence[str], profile: ProfileParams,
+                trained_on: Sequence[str]) -> None:
+    """Write the scorer's weights and what is needed to rebuild it (params, item id per row, and
+    the splits whose targets it learned from, which it must not be evaluated on)."""
+    import io
+
+    from profilerec import storage
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    storage.write_bytes(buf.getvalue(), storage.join(folder, SCORER_WEIGHTS))
+    storage.write_json({"scorer": to_dict(model.params), "profile": profile.to_dict(), "window": model.window,
+                        "trained_on": list(trained_on), "item_ids": list(item_ids)}, storage.join(folder, SCORER_META))
+
+
+def scorer_exists(folder: Optional[str]) -> bool:
+    """Whether `folder` holds a saved scorer."""
+    from profilerec import storage
+
+    return bool(folder) and storage.exists(storage.join(folder, SCORER_META))
+
+
+def load_scorer(folder: str, item_ids: Sequence[str], item_vectors: np.ndarray, priors: ItemPriors) -> ProfileScorer:
+    """A saved scorer over the given items: ID embeddings follow their item ids, items it was not
+    trained with get none (they are scored by their text alone)."""
+    import io
+
+    from profilerec import storage
+
+    meta = storage.read_json(storage.join(folder, SCORER_META))
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(folder, SCORER_WEIGHTS))), map_location="cpu")
+    model = ProfileScorer(item_vectors, priors, meta["window"], from_dict(ScorerConfig, meta["scorer"]))
+    if "item_ids.weight" in state:
+        trained = state["item_ids.weight"]
+        rows = {item_id: i for i, item_id in enumerate(meta["item_ids"])}
+        weight = torch.zeros(len(item_ids), trained.shape[1])
+        for i, item_id in enumerate(item_ids):
+            if item_id in rows:
+                weight[i] = trained[rows[item_id]]
+        state["item_ids.weight"] = weight
+    model.load_state_dict(state)
+    model.trained_on = list(meta.get("trained_on", []))
+    model.eval()
+    return model

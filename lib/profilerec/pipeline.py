@@ -1,4 +1,5 @@
-"""The main job: prepare -> encode -> fine-tune -> encode again -> profiles -> evaluate -> serve.
+"""The main job: prepare -> encode -> [fine-tune the encoder -> encode again] -> train the profile
+scorer -> profiles -> evaluate -> serve.
 
 Every stage is the same library call its own job makes; this module only chains them over one
 work folder and, at the end, starts the service and shows a user's recommendations moving as
@@ -6,9 +7,10 @@ events arrive.
 
     <work_dir>/prepared           canonical Parquet (events, items, cases)
     <work_dir>/embeddings/base    item/text vectors of the untuned encoder
-    <work_dir>/model              fine-tuned encoder + manifest
-    <work_dir>/embeddings/model   item/text vectors of the fine-tuned encoder
-    <work_dir>/profiles           batch-built profile states + popularity prior
+    <work_dir>/model              the trained profile scorer (model/scorer) and, with
+                                  run_finetune, the fine-tuned encoder (model/encoder)
+    <work_dir>/embeddings/model   item/text vectors of the fine-tuned encoder (run_finetune only)
+    <work_dir>/profiles           batch-built profile states + item priors
     <work_dir>/report             evaluation report (JSON, Markdown, PNG)
     <work_dir>/serve_state        the service's write-ahead logs and snapshots
 """
@@ -44,16 +46,18 @@ def stage_configs(cfg: PipelineConfig) -> PipelineConfig:
     work = storage.absolute(cfg.work_dir)
     prepared, base, model = (storage.join(work, p) for p in ("prepared", "embeddings/base", "model"))
     model_emb, profiles = storage.join(work, "embeddings/model"), storage.join(work, "profiles")
+    embeddings = model_emb if cfg.run_finetune else base
     replace = dataclasses.replace
     return replace(
         cfg,
         prepare=replace(cfg.prepare, output=prepared),
         encode=replace(cfg.encode, input=prepared, output=base, ray=cfg.ray),
         finetune=replace(cfg.finetune, input=prepared, output=model, ray=cfg.ray),
-        evaluate=replace(cfg.evaluate, input=prepared, embeddings=model_emb if cfg.run_finetune else base,
+        train=replace(cfg.train, input=prepared, embeddings=embeddings, output=model, ray=cfg.ray),
+        evaluate=replace(cfg.evaluate, input=prepared, embeddings=embeddings, model=model,
                          baseline_embeddings=base if cfg.run_finetune else None,
                          output=storage.join(work, "report")),
-        serve=replace(cfg.serve, prepared=prepared, embeddings=model_emb if cfg.run_finetune else base,
+        serve=replace(cfg.serve, prepared=prepared, embeddings=embeddings,
                       model=model, profiles=profiles, state_dir=storage.join(work, "serve_state")),
     )
 
@@ -65,7 +69,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     from profilerec.config import ProfilesConfig
     from profilerec.datasets import prepare
     from profilerec.embeddings import run_encode
-    from profilerec.evaluation import run_evaluate
+    from profilerec.evaluation import report_markdown, run_evaluate
+    from profilerec.scorer_training import run_train
     from profilerec.training import run_finetune
 
     cfg = stage_configs(cfg)
@@ -83,11 +88,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         with _stage("encode (fine-tuned model)", timings):
             encoder_dir = storage.join(cfg.finetune.output, "encoder")
             run_encode(dataclasses.replace(cfg.encode, model=encoder_dir, output=cfg.evaluate.embeddings), use_gpu)
+    with _stage("train profile scorer", timings):
+        run_train(cfg.train)
     with _stage("profiles", timings):
         run_profiles(ProfilesConfig(input=cfg.prepare.output, embeddings=cfg.evaluate.embeddings,
                                     model=cfg.finetune.output, output=cfg.serve.profiles))
     with _stage("evaluate", timings):
         report = run_evaluate(cfg.evaluate)
+    print("\n" + report_markdown(report))
     demo: Optional[dict[str, Any]] = None
     if cfg.run_service:
         with _stage("serve + demo requests", timings):

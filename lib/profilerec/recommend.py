@@ -1,9 +1,10 @@
 """Scoring profiles against the item index: what evaluation measures and the service answers.
 
-A Recommender holds the item index, the event-text vectors, the profile parameters and the
-popularity prior. It turns events into the vectors profile.py consumes (`vector_of`) and
-profile states into scores over every item (`scores`) and top-K lists (`recommend`). A user
-with no embedded event yet gets the popularity ranking (cold start).
+A Recommender holds the item index, the event-text vectors, the profile parameters, the item
+priors (popularity, transitions) and, once trained, the ProfileScorer (model.py). It turns
+events into the vectors profile.py consumes (`vector_of`) and profile states into scores over
+every item (`scores`) and top-K lists (`recommend`). Without a scorer it ranks by the zero-shot
+profile (cosine of the interest vectors); a user with no event yet gets the popularity ranking.
 """
 
 from __future__ import annotations
@@ -13,21 +14,28 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from profilerec.encoder import text_hash
 from profilerec.index import ItemIndex
+from profilerec.model import SCORER_META, ProfileScorer, load_scorer, scorer_batch, scorer_exists
+from profilerec.priors import ItemPriors, empty_priors
 from profilerec.profile import ProfileParams, ProfileState, event_embedding, interest_vectors, zero_shot_query
 from profilerec.schema import Event
 
 
+SCORER_DIR = "scorer"  # inside a model folder, next to a fine-tuned `encoder`
+
+
 @dataclass
 class Recommender:
-    """Everything needed to score profiles: index, text vectors, profile params, popularity."""
+    """Everything needed to score profiles: index, text vectors, profile params, priors, scorer."""
 
     index: ItemIndex
     params: ProfileParams = field(default_factory=ProfileParams)
     text_vectors: dict[str, np.ndarray] = field(default_factory=dict)  # text_hash -> unit vector
-    popularity: Optional[np.ndarray] = None  # [items] event counts in the training log
+    priors: Optional[ItemPriors] = None  # popularity and transitions counted in the log
+    scorer: Optional[ProfileScorer] = None  # the trained scorer; None = zero-shot profile
     encode_text: Optional[Callable[[str], np.ndarray]] = None  # for texts not encoded in advance
 
     def vector_of(self, event: Event) -> Optional[np.ndarray]:
@@ -44,19 +52,31 @@ class Recommender:
         """Cold-start scores: log of the item's count in the training log (0 for unseen items)."""
         n = len(self.index)
         pop = np.zeros(n, dtype=np.float32)
-        if self.popularity is not None:
-            m = min(n, len(self.popularity))
-            pop[:m] = np.log1p(self.popularity[:m])
+        if self.priors is not None:
+            m = min(n, len(self.priors.popularity))
+            pop[:m] = np.log1p(self.priors.popularity[:m])
         return pop
+
+    def set_priors(self, priors: ItemPriors) -> None:
+        """Score with these item statistics from now on (the scorer too)."""
+        self.priors = priors
+        if self.scorer is not None:
+            self.scorer.set_priors(priors)
 
     def scores(self, states: Sequence[ProfileState]) -> np.ndarray:
         """[len(states), items] scores; higher is better. Cold users get popularity scores."""
         out = np.empty((len(states), len(self.index)), dtype=np.float32)
-        queries = [zero_shot_query(s, self.params) for s in states]
-        warm = [i for i, q in enumerate(queries) if q is not None]
-        if warm:
-            out[warm] = np.stack([queries[i] for i in warm]).astype(np.float32) @ self.index.vectors.T
-        cold = [i for i, q in enumerate(queries) if q is None]
+        cold = [i for i, s in enumerate(states) if not s.recent and s.long_sum is None]
+        warm = [i for i in range(len(states)) if i not in set(cold)]
+        if warm and self.scorer is not None:
+            batch = scorer_batch([states[i] for i in warm], self.index.row, self.params, self.scorer.params,
+                                 self.index.dim)
+            with torch.no_grad():
+                out[warm] = self.scorer(batch).numpy()
+        elif warm:
+            queries = [zero_shot_query(states[i], self.params) for i in warm]
+            zero = np.zeros(self.index.dim, dtype=np.float32)  # a profile of unknown items only
+            out[warm] = np.stack([zero if q is None else q for q in queries]).astype(np.float32) @ self.index.vectors.T
         if cold:
             out[cold] = self.popularity_scores()
         return out
@@ -99,24 +119,35 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def load_recommender(items: pa.Table, embeddings: str, params: Optional[ProfileParams] = None,
-                     popularity: Optional[np.ndarray] = None) -> Recommender:
-    """A Recommender over `items` with the item and text vectors of the embeddings folder."""
+                     priors: Optional[ItemPriors] = None, model: Optional[str] = None) -> Recommender:
+    """A Recommender over `items` with the item and text vectors of the embeddings folder, and the
+    scorer saved in the `model` folder when it has one."""
     from profilerec.embeddings import read_embeddings, vectors_from_arrow
     from profilerec.index import index_from_tables
 
     index = index_from_tables(items, read_embeddings(embeddings, "items"))
     texts = read_embeddings(embeddings, "texts")
     text_vectors = dict(zip(texts.column("text_hash").to_pylist(), vectors_from_arrow(texts.column("vector"))))
-    return Recommender(index, params or ProfileParams(), text_vectors, popularity)
+    recommender = Recommender(index, params or ProfileParams(), text_vectors, priors)
+    if scorer_exists(scorer_folder(model)):
+        recommender.scorer = load_scorer(scorer_folder(model), index.item_ids, index.vectors,
+                                         priors or empty_priors(len(index)))
+    return recommender
 
 
-def popularity_counts(events: pa.Table, index: ItemIndex, hidden: Iterable[str] = ()) -> np.ndarray:
-    """How often each index item appears in `events`, leaving out the event ids in `hidden`."""
-    hidden = set(hidden)
-    counts = np.zeros(len(index), dtype=np.float64)
-    for event_id, item_id in zip(events.column("event_id").to_pylist(), events.column("item_id").to_pylist()):
-        if item_id is not None and event_id not in hidden:
-            row = index.row(item_id)
-            if row >= 0:
-                counts[row] += 1
-    return counts
+def load_profile_params(model: Optional[str]) -> ProfileParams:
+    """The profile params saved with a trained model (its scorer, else its fine-tuned encoder),
+    or the defaults when there is none."""
+    from profilerec import storage
+
+    for location in (storage.join(scorer_folder(model), SCORER_META), storage.join(model, "manifest.json")) if model else ():
+        if storage.exists(location):
+            return ProfileParams.from_dict(storage.read_json(location).get("profile", {}))
+    return ProfileParams()
+
+
+def scorer_folder(model: Optional[str]) -> Optional[str]:
+    """Where a model folder keeps its scorer."""
+    from profilerec import storage
+
+    return storage.join(model, SCORER_DIR) if model else None

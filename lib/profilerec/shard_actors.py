@@ -18,7 +18,7 @@ import numpy as np
 from profilerec import storage
 from profilerec.config import ServeConfig, to_dict
 from profilerec.profile import ProfileParams
-from profilerec.recommend import Recommender, load_recommender
+from profilerec.recommend import Recommender, load_profile_params, load_recommender
 from profilerec.schema import Event
 from profilerec.shard import ProfileShard
 from profilerec.store import ShardStore
@@ -29,22 +29,14 @@ NAMESPACE = "profilerec"
 
 
 def load_serving_recommender(cfg: ServeConfig) -> Recommender:
-    """The item index, text vectors, profile params and popularity the service scores with."""
-    from profilerec.priors import read_popularity
+    """The item index, text vectors, profile params, item priors and scorer the service scores with."""
+    from profilerec.priors import read_priors
 
     items = storage.read_table(storage.join(cfg.prepared, "items.parquet"))
-    recommender = load_recommender(items, cfg.embeddings, load_profile_params(cfg.model))
+    recommender = load_recommender(items, cfg.embeddings, load_profile_params(cfg.model), model=cfg.model)
     if cfg.profiles:
-        recommender.popularity = read_popularity(cfg.profiles, recommender.index)
+        recommender.set_priors(read_priors(cfg.profiles, recommender.index))
     return recommender
-
-
-def load_profile_params(model: str) -> ProfileParams:
-    """The profile params saved with a trained model, or the defaults when there is none."""
-    manifest = storage.join(model, "manifest.json")
-    if model and storage.exists(manifest):
-        return ProfileParams.from_dict(storage.read_json(manifest).get("profile", {}))
-    return ProfileParams()
 
 
 class ShardActor:

@@ -228,8 +228,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, input=storage.absolute(cfg.input), output=storage.absolute(cfg.output),
                               model=_absolute_model(cfg.model))
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() > 0
-    storage_path = storage.absolute(cfg.storage_path) or _default_storage(cfg.output)
-    name = f"{cfg.run_name}-{run_fingerprint(cfg)}"
+    storage_path = storage.absolute(cfg.storage_path) or default_storage(cfg.output)
+    # more epochs continue a run
+    ignored = ("ray", "storage_path", "run_name", "num_workers", "use_gpu", "epochs", "patience", "output")
+    name = f"{cfg.run_name}-{fingerprint(cfg, ignored)}"
     started = time.perf_counter()
     trainer = TorchTrainer(
         finetune_loop,
@@ -248,9 +250,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if best is None or result.checkpoint is None:
         raise DataError(f"training run {name} produced no checkpoint")
     with result.checkpoint.as_directory() as folder:
-        history = _read_metrics(folder)["history"]
+        history = read_metrics(folder)["history"]
     with best.as_directory() as folder:
-        metrics = _read_metrics(folder)
+        metrics = read_metrics(folder)
         metrics.pop("history")
         storage.upload_dir(os.path.join(folder, ENCODER_DIR), storage.join(cfg.output, ENCODER_DIR))
     if metrics["epoch"] == 0:
@@ -269,20 +271,19 @@ def _absolute_model(model: str) -> str:
     return storage.absolute(model) if os.path.isdir(model) else model
 
 
-def _read_metrics(folder: str) -> dict[str, Any]:
+def read_metrics(folder: str) -> dict[str, Any]:
     with open(os.path.join(folder, "metrics.json")) as f:
         return json.load(f)
 
 
-def run_fingerprint(cfg: FinetuneConfig) -> str:
-    """A short hash of the settings that change what is trained: a run with the same settings
-    resumes from its last checkpoint (more `epochs` continue it; other changes start afresh)."""
-    ignored = ("ray", "storage_path", "run_name", "num_workers", "use_gpu", "epochs", "patience", "output")
+def fingerprint(cfg: Any, ignored: Sequence[str]) -> str:
+    """A short hash of the settings that change what is trained (all but `ignored`): a run with
+    the same settings resumes from its last checkpoint, other changes start afresh."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ignored}
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _default_storage(output: str) -> str:
+def default_storage(output: str) -> str:
     """`ray_train` next to the output folder (absolute, as Ray Train requires)."""
     if storage.is_uri(output):
         base, _, query = output.partition("?")

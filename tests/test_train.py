@@ -1,0 +1,61 @@
+"""The Ray Train scorer job on a tiny real work folder (trained once by the tiny_work fixture)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from profilerec.config import EvaluateConfig, TrainConfig, from_dict
+from profilerec.datasets import read_prepared
+from profilerec.errors import ConfigError
+from profilerec.evaluation import run_evaluate
+from profilerec.profile import ProfileState
+from profilerec.recommend import load_recommender
+from profilerec.replay import case_states, iter_cases, user_sequences
+from profilerec.scorer_training import run_train
+
+
+def _manifest(work):
+    return json.loads((work / "model" / "scorer" / "manifest.json").read_text())
+
+
+def test_training_lowers_the_loss_then_refits_on_validation_too(tiny_work):
+    manifest = _manifest(tiny_work)
+    select = [h for h in manifest["history"] if h["phase"] == "select"]
+    refit = [h for h in manifest["history"] if h["phase"] == "refit"]
+    assert [h["epoch"] for h in select] == [1, 2, 3, 4]
+    assert select[-1]["train_loss"] < select[0]["train_loss"]
+    assert all("val_NDCG@10" in h for h in select)
+    best = max(select, key=lambda h: h["val_NDCG@10"])
+    assert manifest["best_epoch"] == best["epoch"]
+    assert [h["epoch"] for h in refit] == list(range(1, best["epoch"] + 1))
+    assert refit[0]["cases"] > select[0]["cases"]  # the validation cases joined the training set
+
+
+def test_the_saved_scorer_is_what_the_recommender_loads(tiny_work):
+    data = read_prepared(str(tiny_work / "prepared"))
+    trained = load_recommender(data.items, str(tiny_work / "embeddings"), model=str(tiny_work / "model"))
+    plain = load_recommender(data.items, str(tiny_work / "embeddings"))
+    assert trained.scorer is not None and plain.scorer is None
+    assert trained.scorer.trained_on == ["train", "valid"]
+    cases = list(iter_cases(user_sequences(data.events), data.cases, ["test"], data.max_history))[:5]
+    states = case_states(cases, trained.vector_of, trained.params)
+    assert not np.allclose(trained.scores(states), plain.scores(states))
+    cold = trained.scores([ProfileState("nobody")])[0]
+    np.testing.assert_allclose(cold, trained.popularity_scores())
+
+
+def test_evaluation_reports_baselines_and_refuses_a_split_the_scorer_learned(tiny_work, tmp_path):
+    cfg = EvaluateConfig(input=str(tiny_work / "prepared"), embeddings=str(tiny_work / "embeddings"),
+                         model=str(tiny_work / "model"), output=str(tmp_path / "report"), split="test")
+    report = run_evaluate(cfg)
+    assert list(report["methods"]) == ["popularity", "zero-shot profile", "profilerec"]
+    with pytest.raises(ConfigError, match="trained on the targets of \\['valid'\\]"):
+        run_evaluate(EvaluateConfig(**{**cfg.__dict__, "split": "valid"}))
+
+
+def test_a_finished_run_resumes_from_its_checkpoint_without_training_again(tiny_work):
+    first = _manifest(tiny_work)
+    again = run_train(from_dict(TrainConfig, first["config"]))
+    assert again["run"] == first["run"]
+    assert again["history"] == first["history"]
