@@ -59,3 +59,20 @@ def test_a_finished_run_resumes_from_its_checkpoint_without_training_again(tiny_
     again = run_train(from_dict(TrainConfig, first["config"]))
     assert again["run"] == first["run"]
     assert again["history"] == first["history"]
+
+
+def test_the_benchmark_command_writes_the_table_with_published_figures(tmp_path, ray_session):
+    from profilerec.benchmark import run_benchmark
+    from profilerec.config import BenchmarkConfig, PrepareConfig
+
+    from conftest import write_tiny_amazon
+
+    source = write_tiny_amazon(tmp_path / "amazon-industrial", n_users=12)
+    cfg = BenchmarkConfig(work_dir=str(tmp_path / "bench"), prepare=PrepareConfig(input=str(source)),
+                          train=TrainConfig(epochs=2, storage_path=str(tmp_path / "ray_train")), ablation=False)
+    report = run_benchmark(cfg)
+    assert [r["name"] for r in report["rows"]] == ["popularity", "zero-shot profile", "profilerec (default)"]
+    assert all(set(r["valid"]) >= {"HR@10", "NDCG@10"} and set(r["test"]) >= {"HR@10", "NDCG@10"} for r in report["rows"])
+    table = (tmp_path / "bench" / "report" / "ablation.md").read_text()
+    assert "| profilerec (default) |" in table and "| MiniOneRec (Qwen2.5 1.5B, SFT+RL) |" in table
+    assert (tmp_path / "bench" / "report" / "ablation.png").stat().st_size > 1000

@@ -19,6 +19,7 @@ commands:
   train      fit the profile scorer (the recommendation model) with Ray Train
   profiles   every user's profile from the whole log
   evaluate   full-ranking evaluation with baselines
+  benchmark  the ablation table from scratch (train every variant, evaluate valid and test)
 
 Settings are the fields of the job's config dataclass (lib/profilerec/config.py), for example
   profilerec evaluate --split valid --max_cases 500

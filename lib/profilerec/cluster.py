@@ -26,7 +26,8 @@ def init_ray(cfg: Optional[RayConfig] = None) -> None:
         ray.init(address=address, **kwargs)
     else:
         log.info("starting a local Ray instance (num_cpus=%s)", cfg.num_cpus or "all")
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+        # the dashboard serves the State API that Ray Train's cleanup polls; it stays on localhost
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
 def cluster_gpus() -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from profilerec.config import (EncodeConfig, EvaluateConfig, FinetuneConfig, PipelineConfig, PrepareConfig,
+from profilerec.config import (BenchmarkConfig, EncodeConfig, EvaluateConfig, FinetuneConfig, PipelineConfig, PrepareConfig,
                                ProfilesConfig, TrainConfig, load_config)
 
 
@@ -74,6 +74,16 @@ def evaluate(argv: Optional[list[str]] = None) -> None:
     print(f"report written to {cfg.output}")
 
 
+def benchmark(argv: Optional[list[str]] = None) -> None:
+    """The ablation table from scratch: every variant trained and evaluated on valid and test."""
+    from profilerec.benchmark import ablation_markdown, run_benchmark
+
+    cfg = load_config(BenchmarkConfig, argv)
+    report = run_benchmark(cfg)
+    print(ablation_markdown(report))
+    print(f"report written to {cfg.work_dir}/report")
+
+
 def pipeline(argv: Optional[list[str]] = None) -> None:
     """The whole workflow on one work folder, then the live service answering demo requests."""
     from profilerec.pipeline import run_pipeline
@@ -90,4 +100,5 @@ COMMANDS = {
     "train": train,
     "profiles": profiles,
     "evaluate": evaluate,
+    "benchmark": benchmark,
 }

@@ -154,6 +154,23 @@ class TrainConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """jobs/benchmark.py: the ablation table from scratch (see benchmark.py): prepare, encode,
+    train every variant with Ray Train, evaluate valid and test. Stages whose output already
+    exists under `work_dir` are reused."""
+
+    work_dir: str = f"{DEFAULT_WORK_DIR}/benchmark"
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ablation: bool = True  # every row of the ablation; false: only the default configuration
+    finetune_encoder: bool = False  # add the "+ fine-tuned encoder" row (slow on a CPU)
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=1, max_steps_per_epoch=40))
+    ks: list[int] = field(default_factory=lambda: [3, 5, 10])
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
 class ProfilesConfig:
     """jobs/profiles.py: every user's profile state built in batch from the event log."""
 

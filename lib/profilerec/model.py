@@ -33,8 +33,8 @@ from profilerec.config import ScorerConfig, from_dict, to_dict
 from profilerec.priors import ItemPriors
 from profilerec.profile import ProfileParams, ProfileState, interest_vectors, window_features
 
-# features the attention reads per window slot besides the item vector
-GAP_FEATURES = 1
+# features the attention reads per window slot besides the item vector: time gap, event weight
+SLOT_FEATURES = 2
 
 
 @dataclass
@@ -97,7 +97,7 @@ class ProfileScorer(nn.Module):
         self.type_emb = nn.Embedding(len(params.types) + 1, dim)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         nn.init.normal_(self.type_emb.weight, std=0.02)
-        self.gap = nn.Linear(GAP_FEATURES, dim)
+        self.slot_features = nn.Linear(SLOT_FEATURES, dim)
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
         self.drop = nn.Dropout(params.dropout)
@@ -134,12 +134,13 @@ class ProfileScorer(nn.Module):
         """[B, D] unit user vectors from the window and the interest vectors."""
         p = self.params
         rows = batch.items.clamp(min=0)
-        slots = items[rows] * batch.mask[..., None]  # [B, W, D]
+        # a disliked item (negative weight: a low rating) counts against its direction
+        slots = items[rows] * (torch.sign(batch.weights) * batch.mask)[..., None]  # [B, W, D]
         newest = slots[:, -1]
         parts = [newest]
         if p.attention:
             keys = self.key(self.drop(slots + self.pos_emb(batch.positions) + self.type_emb(batch.types)
-                                      + self.gap(batch.gaps[..., None])))
+                                      + self.slot_features(torch.stack([batch.gaps, batch.weights], -1))))
             logits = (keys * self.query(newest)[:, None, :]).sum(-1) / math.sqrt(keys.shape[-1])
             logits = logits.masked_fill(~batch.mask, -1e9)
             attn = torch.softmax(logits, dim=-1) * batch.mask
