@@ -19,7 +19,7 @@ def ev(n, ts, item="a", etype="purchase", value=None, user="u1"):
 
 def test_two_events_match_hand_computed_decayed_average():
     params = ProfileParams(long_half_life_events=4.0, long_half_life_seconds=2 * DAY,
-                           short_half_life_events=1.0, short_half_life_seconds=math.inf)
+                           short_half_life_events=1.0, short_half_life_seconds=math.inf, vector_dtype="float32")
     e1, e2 = np.array([1.0, 0.0], np.float32), np.array([0.0, 1.0], np.float32)
     state = apply_event(ProfileState("u1"), ev(1, 0.0, "a", "click"), e1, params)
     state = apply_event(state, ev(2, DAY, "b", "purchase"), e2, params)
@@ -33,6 +33,22 @@ def test_two_events_match_hand_computed_decayed_average():
     np.testing.assert_allclose(long, (kept_long * w1 * e1 + w2 * e2) / (kept_long * w1 + w2), rtol=1e-6)
     # the short-term vector forgets faster, so it leans further towards the newest item
     assert short[1] / short[0] > long[1] / long[0]
+
+
+def test_sums_are_stored_at_the_profile_precision_with_float32_arithmetic_in_between():
+    rng = np.random.default_rng(3)
+    e1, e2 = rng.normal(size=(2, 16)).astype(np.float32)
+    params = ProfileParams()  # float16 storage by default
+    state = build_profile("u1", [ev(1, 0.0, "a", "click"), ev(2, DAY, "b")], lambda e: {"a": e1, "b": e2}[e.item_id], params)
+    assert state.long_sum.dtype == np.float16
+    kept = decay(DAY, params.long_half_life_seconds, params.long_half_life_events)
+    first = (params.type_weights["click"] * e1).astype(np.float16)
+    expected = (np.float32(kept) * first.astype(np.float32) + params.type_weights["purchase"] * e2).astype(np.float16)
+    np.testing.assert_array_equal(state.long_sum, expected)
+    wide = build_profile("u1", [ev(1, 0.0, "a", "click"), ev(2, DAY, "b")], lambda e: {"a": e1, "b": e2}[e.item_id],
+                         ProfileParams(vector_dtype="float32"))
+    np.testing.assert_allclose(interest_vectors(state)[0], interest_vectors(wide)[0], rtol=2e-3, atol=1e-3)
+    assert interest_vectors(state)[0].dtype == np.float32
 
 
 def test_decay_combines_time_and_event_count():
@@ -84,7 +100,7 @@ def test_event_without_vector_moves_window_but_only_decays_vectors():
 
 
 def test_numpy_and_torch_give_the_same_profile():
-    params = ProfileParams()
+    params = ProfileParams(vector_dtype="float32")  # torch (training) keeps its own precision
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(6, 8)).astype(np.float32)
     events = [ev(n, n * 3600.0, f"i{n}", etype) for n, etype in enumerate(["view", "click", "cart", "purchase", "view", "click"])]
@@ -111,3 +127,15 @@ def test_states_round_trip_through_arrow():
     assert restored.recent == state.recent
     assert restored.counters == pytest.approx(state.counters)
     assert (restored.n_events, restored.last_ts, restored.long_weight) == (state.n_events, state.last_ts, state.long_weight)
+
+
+def test_a_vector_decayed_to_nothing_is_gone_not_nan():
+    params = ProfileParams()
+    vec = np.ones(4, np.float32)
+    state = apply_event(ProfileState("u1"), ev(1, 0.0, "a", "rating", 5.0), vec, params)
+    # three years later, a 3-star rating (weight 0): the short-term weight is below float32's range
+    state = apply_event(state, ev(2, 3 * 365 * DAY, "b", "rating", 3.0), vec, params)
+    assert 0 < state.short_weight < 1e-45
+    long, short = interest_vectors(state)
+    assert short is None and np.isfinite(long).all()
+    assert np.isfinite(zero_shot_query(state, params)).all()

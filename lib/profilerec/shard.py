@@ -7,8 +7,12 @@ tested directly. Rules:
 - events are applied in order of (user, timestamp) within a batch and in arrival order across
   batches; an event older than the user's last one is applied with a zero time gap (see
   profile.py); the log holds them in applied order, so recovery replays the very same sequence;
-- a repeated event id (among the user's last `dedup_window` events) changes nothing;
+- a repeated event id changes nothing: the shard keeps 64-bit hashes of each user's last
+  `dedup_window` event ids (a client retrying a batch resends at most that many per user);
 - `forget` removes the user from memory and rewrites the durable state without them.
+
+Users are held packed (packed.py, ~2.5 KB each with the defaults) and unpacked for each update
+or read, which keeps a million users in a few GB.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import deque
 from datetime import datetime, timezone
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import pyarrow as pa
 
+from profilerec import storage
+from profilerec.packed import StateCodec, event_hash, remember
 from profilerec.profile import ProfileState, apply_event, states_from_table, states_to_table, top_counters
 from profilerec.recommend import Recommender
 from profilerec.schema import Event
@@ -36,6 +42,29 @@ def shard_of(user_id: str, num_shards: int) -> int:
     return int.from_bytes(digest, "big") % num_shards
 
 
+def layout_root(state_dir: str, num_shards: int) -> str:
+    """Where the durable state of the `num_shards`-shard layout lives under the service's state_dir."""
+    return storage.join(state_dir, f"shards-{num_shards}")
+
+
+def repartition(state_dir: str, old: int, new: int, recommender: Recommender) -> int:
+    """Move every user of the `old`-shard layout to a `new`-shard layout; returns the users moved.
+
+    Each old shard is recovered as on a restart (snapshot + log), then every new shard gets one
+    snapshot of its users (with their event-id hashes, so retries stay idempotent). The old layout
+    is left in place: the caller removes it once the new one is recorded as current.
+    """
+    tables = [ProfileShard(i, recommender, ShardStore(layout_root(state_dir, old), i)).snapshot_table()
+              for i in range(old)]
+    table = pa.concat_tables(tables)
+    new_root = layout_root(state_dir, new)
+    storage.delete(new_root)  # what an interrupted earlier attempt left
+    targets = np.array([shard_of(u, new) for u in table.column("user_id").to_pylist()], dtype=np.int64)
+    for j in range(new):
+        ShardStore(new_root, j).write_snapshot(table.filter(pa.array(targets == j)))
+    return table.num_rows
+
+
 def pseudonym(user_id: str) -> str:
     """A short non-reversible tag for a user id, for logs (ids are never logged in clear)."""
     return hashlib.blake2b(user_id.encode("utf-8"), digest_size=6, person=b"profilerec-log").hexdigest()
@@ -45,14 +74,17 @@ class ProfileShard:
     """Profiles of the users of one shard, durable through a ShardStore."""
 
     def __init__(self, shard: int, recommender: Recommender, store: ShardStore,
-                 snapshot_every: int = 50_000, dedup_window: int = 256):
+                 snapshot_every: int = 50_000, dedup_window: int = 128):
+        if recommender.params.window > 255 or recommender.params.max_counters > 255 or dedup_window > 65535:
+            raise ValueError("a shard holds at most 255 window events, 255 counters and 65535 event ids per user")
         self.shard = shard
         self.recommender = recommender
         self.store = store
         self.snapshot_every = snapshot_every
         self.dedup_window = dedup_window
-        self.states: dict[str, ProfileState] = {}
-        self.recent_ids: dict[str, deque] = {}
+        index = recommender.index
+        self.codec = StateCodec(index.row, lambda row: index.item_ids[row], recommender.params.vector_dtype)
+        self.users: dict[str, bytes] = {}  # user id -> packed state and event-id hashes
         self.since_snapshot = 0
         self._recover()
 
@@ -63,7 +95,7 @@ class ProfileShard:
         fresh: list[Event] = []
         batch_ids: set[str] = set()
         for event in events:
-            if event.event_id in batch_ids or self._seen(event):
+            if event.event_id in batch_ids or self._seen(event.user_id, event_hash(event.event_id)):
                 continue
             batch_ids.add(event.event_id)
             fresh.append(event)
@@ -78,8 +110,7 @@ class ProfileShard:
 
     def forget(self, user_id: str) -> bool:
         """Remove the user from memory, log and snapshots; True when the shard knew the user."""
-        known = self.states.pop(user_id, None) is not None
-        self.recent_ids.pop(user_id, None)
+        known = self.users.pop(user_id, None) is not None
         self.snapshot()  # the new snapshot lacks the user and replaces every older file
         log.info("shard %d forgot user %s", self.shard, pseudonym(user_id))
         return known
@@ -89,14 +120,17 @@ class ProfileShard:
         started = time.perf_counter()
         self.store.write_snapshot(self.snapshot_table())
         self.since_snapshot = 0
-        log.info("shard %d snapshot of %d users in %.2f s", self.shard, len(self.states),
+        log.info("shard %d snapshot of %d users in %.2f s", self.shard, len(self.users),
                  time.perf_counter() - started)
 
     # -- reads --------------------------------------------------------------------------------
 
     def state(self, user_id: str) -> ProfileState:
         """The user's profile (an empty one for an unknown user)."""
-        return self.states.get(user_id) or ProfileState(user_id=user_id)
+        return self._unpack(user_id)[0]
+
+    def __contains__(self, user_id: str) -> bool:
+        return user_id in self.users
 
     def recommend(self, user_id: str, k: int, exclude_seen: bool = False, brand: Optional[str] = None,
                   category: Optional[str] = None) -> dict[str, Any]:
@@ -107,9 +141,9 @@ class ProfileShard:
 
     def describe(self, user_id: str, explain_k: int = 3) -> Optional[dict[str, Any]]:
         """What the profile holds in words: interests, recent events, why the top items are chosen."""
-        state = self.states.get(user_id)
-        if state is None:
+        if user_id not in self.users:
             return None
+        state = self.state(user_id)
         index = self.recommender.index
         recent = [{"item_id": e.item_id, "title": (index.meta(e.item_id) or {}).get("title"), "type": e.type,
                    "time": _iso(e.ts), "weight": round(e.weight, 3)} for e in reversed(state.recent)]
@@ -125,44 +159,50 @@ class ProfileShard:
         }
 
     def stats(self) -> dict[str, Any]:
-        """Users held and events since the last snapshot."""
-        return {"shard": self.shard, "users": len(self.states), "events_since_snapshot": self.since_snapshot}
+        """Users held, the bytes of their packed states, and events since the last snapshot."""
+        return {"shard": self.shard, "users": len(self.users), "state_bytes": sum(map(len, self.users.values())),
+                "events_since_snapshot": self.since_snapshot}
 
     def snapshot_table(self) -> pa.Table:
-        """The shard's states plus each user's recent event ids (for idempotency after recovery)."""
-        users = sorted(self.states)
-        table = states_to_table(self.states[u] for u in users)
-        ids = pa.array([list(self.recent_ids.get(u, ())) for u in users], pa.list_(pa.string()))
-        return table.append_column("recent_event_ids", ids)
+        """The shard's states plus each user's recent event-id hashes (idempotency after recovery)."""
+        unpacked = [self._unpack(u) for u in sorted(self.users)]
+        table = states_to_table(state for state, _ in unpacked)
+        hashes = pa.array([h for _, h in unpacked], pa.list_(pa.uint64()))
+        return table.append_column("recent_event_hashes", hashes)
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _seen(self, event: Event) -> bool:
-        return event.event_id in self.recent_ids.get(event.user_id, ())
+    def _unpack(self, user_id: str) -> tuple[ProfileState, np.ndarray]:
+        blob = self.users.get(user_id)
+        if blob is None:
+            return ProfileState(user_id=user_id), np.zeros(0, dtype=np.uint64)
+        return self.codec.unpack(user_id, blob, self.recommender.index.dim)
+
+    def _seen(self, user_id: str, hashed: int) -> bool:
+        blob = self.users.get(user_id)
+        return blob is not None and hashed in self._unpack(user_id)[1]
 
     def _apply_one(self, event: Event) -> None:
-        state = self.state(event.user_id)
+        state, hashes = self._unpack(event.user_id)
         meta = self.recommender.index.meta(event.item_id) if event.item_id is not None else None
-        self.states[event.user_id] = apply_event(state, event, self.recommender.vector_of(event),
-                                                 self.recommender.params, meta)
-        ids = self.recent_ids.setdefault(event.user_id, deque(maxlen=self.dedup_window))
-        ids.append(event.event_id)
+        state = apply_event(state, event, self.recommender.vector_of(event), self.recommender.params, meta)
+        self.users[event.user_id] = self.codec.pack(state, remember(hashes, event_hash(event.event_id), self.dedup_window))
 
     def _recover(self) -> None:
         started = time.perf_counter()
         snapshot, events = self.store.load()
         if snapshot is not None:
-            for state, ids in zip(states_from_table(snapshot), snapshot.column("recent_event_ids").to_pylist()):
-                self.states[state.user_id] = state
-                self.recent_ids[state.user_id] = deque(ids, maxlen=self.dedup_window)
+            hashes = snapshot.column("recent_event_hashes").to_pylist()
+            for state, ids in zip(states_from_table(snapshot), hashes):
+                self.users[state.user_id] = self.codec.pack(state, np.array(ids, dtype=np.uint64)[-self.dedup_window:])
         replayed = 0
         for event in events:
-            if not self._seen(event):
+            if not self._seen(event.user_id, event_hash(event.event_id)):
                 self._apply_one(event)
                 replayed += 1
         self.since_snapshot = replayed
         log.info("shard %d recovered %d users (%d events replayed from the log) in %.2f s", self.shard,
-                 len(self.states), replayed, time.perf_counter() - started)
+                 len(self.users), replayed, time.perf_counter() - started)
 
 
 def _iso(ts: Optional[float]) -> Optional[str]:

@@ -136,9 +136,9 @@ def read_json(location: str) -> Any:
         raise DataError(f"{location} is not valid JSON: {e}") from None
 
 
-def write_json(obj: Any, location: str) -> None:
-    """Write `obj` as indented JSON."""
-    write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), location)
+def write_json(obj: Any, location: str, durable: bool = False) -> None:
+    """Write `obj` as indented JSON (see write_bytes)."""
+    write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), location, durable)
 
 
 def read_table(location: str, columns: Optional[list[str]] = None) -> pa.Table:
@@ -152,11 +152,11 @@ def read_table(location: str, columns: Optional[list[str]] = None) -> pa.Table:
         raise DataError(f"cannot read Parquet at {location}: {e}") from None
 
 
-def write_table(table: pa.Table, location: str) -> None:
-    """Write `table` as one Parquet file at `location` (replacing it whole)."""
+def write_table(table: pa.Table, location: str, durable: bool = False) -> None:
+    """Write `table` as one Parquet file at `location` (replacing it whole; see write_bytes)."""
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    write_bytes(buf.getvalue(), location)
+    write_bytes(buf.getvalue(), location, durable)
 
 
 def local_dir(location: str) -> str:

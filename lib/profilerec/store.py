@@ -63,7 +63,7 @@ class ShardStore:
     def write_snapshot(self, table: pa.Table) -> None:
         """Persist the shard's whole state and drop the log segments it covers."""
         next_segment = self.segment + 1
-        storage.write_table(table, storage.join(self.snapshot_dir, f"{next_segment:010d}.parquet"))
+        storage.write_table(table, storage.join(self.snapshot_dir, f"{next_segment:010d}.parquet"), durable=True)
         # The snapshot is complete before anything it covers is removed, so a crash in between
         # only leaves segments that replay as duplicates (ignored by event id).
         for name in storage.list_files(self.wal_dir):
