@@ -58,6 +58,25 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def serve_url(ray_session):
+    """Ray Serve's HTTP proxy on a free localhost port, shared by every service test."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def serve_config(work: Path, state: Path, **settings):
+    """ServeConfig of the tiny work folder with the service state under `state`."""
+    from profilerec.config import ServeConfig
+
+    return ServeConfig(prepared=str(work / "prepared"), embeddings=str(work / "embeddings"), model=str(work / "model"),
+                       profiles=str(work / "profiles"), state_dir=str(state / "state"), token_file=str(state / "token"),
+                       **settings)
+
+
+@pytest.fixture(scope="session")
 def tiny_work(tmp_path_factory, ray_session):
     """A prepared + encoded + trained + profiled work folder of a few dozen real users: the untuned
     encoder's embeddings, a profile scorer trained on them (work/model/scorer), the batch profiles."""

@@ -28,3 +28,23 @@ def test_pipeline_sections_take_dotted_flags():
 def test_bad_settings_are_named(argv, message):
     with pytest.raises(ConfigError, match=message):
         load_config(EncodeConfig, argv)
+
+
+def test_the_serve_config_file_is_valid_for_ray_serve_and_profilerec():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from profilerec.config import ServeConfig, from_dict
+
+    path = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    app = schema.applications[0]
+    assert app.import_path == "serve.app:app_builder"
+    assert from_dict(ServeConfig, dict(app.args)).num_shards >= 1
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {"Ingress", "Encoder"}
+    for deployment in deployments.values():
+        assert deployment.max_queued_requests > 0 and deployment.backpressure_config.retry_after_s >= 1
+        assert deployment.autoscaling_config["max_replicas"] > deployment.autoscaling_config["min_replicas"]

@@ -1,39 +1,36 @@
 """The Ray Serve application over real HTTP on localhost."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
 import requests
 
-from profilerec.config import ServeConfig
 from profilerec.datasets import read_prepared
 from profilerec.profile import states_from_table
 from profilerec.schema import events_from_table
+from profilerec.shard import shard_of
 from profilerec.shard_actors import NAMESPACE, load_serving_recommender, shard_actor_name
 from profilerec.storage import read_table
 
-from conftest import free_port
+from conftest import serve_config
 
 TOKEN = "test-token-123"
 APP = "svc"
 
 
 @pytest.fixture(scope="module")
-def service(tiny_work, tmp_path_factory, ray_session):
+def service(tiny_work, tmp_path_factory, serve_url):
     from ray import serve
 
     from profilerec.service import build_app
 
     state = tmp_path_factory.mktemp("serve_state")
     (state / "token").write_text(TOKEN)
-    cfg = ServeConfig(prepared=str(tiny_work / "prepared"), embeddings=str(tiny_work / "embeddings"),
-                      model=str(tiny_work / "model"), profiles=str(tiny_work / "profiles"),
-                      state_dir=str(state / "state"), token_file=str(state / "token"), num_shards=2)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = serve_config(tiny_work, state, num_shards=2)
     serve.run(build_app(cfg), name=APP, route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{port}", "cfg": cfg}
+    yield {"url": serve_url, "cfg": cfg}
     serve.delete(APP)
 
 
@@ -109,6 +106,9 @@ def test_malformed_requests_get_4xx(service):
     assert post(service, too_many).status_code == 422
     assert requests.get(f"{url}/v1/users/u/recommendations", params={"k": 0}, timeout=60).status_code == 422
     assert requests.get(f"{url}/v1/users/u/recommendations", params={"k": "ten"}, timeout=60).status_code == 422
+    assert requests.get(f"{url}/v1/users/{'u' * 300}/recommendations", timeout=60).status_code == 422
+    huge = requests.post(f"{url}/v1/events", data=b" " * (4 * 1024 * 1024 + 1), headers=AUTH, timeout=60)
+    assert huge.status_code == 413 and "larger than" in huge.text
 
 
 def test_writes_need_the_bearer_token(service):
@@ -130,6 +130,46 @@ def test_profile_explains_and_delete_forgets(service):
     assert r.json() == {"user_id": "forgetme", "forgotten": True}
     assert requests.get(f"{service['url']}/v1/users/forgetme/profile", timeout=60).status_code == 404
     assert recs(service, "forgetme")["cold_start"] is True
+    for root, _, files in os.walk(service["cfg"].state_dir):  # no log or snapshot keeps the user
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                assert b"forgetme" not in f.read(), os.path.join(root, name)
+
+
+def test_put_items_adds_them_to_every_shard_with_no_restart(service):
+    from profilerec.encoder import TextEncoder
+    from profilerec.schema import item_text
+
+    url = service["url"]
+    source = read_prepared(service["cfg"].prepared).items.slice(0, 1).to_pylist()[0]
+    fields = {k: source[k] for k in ("title", "description", "brand", "categories") if source[k]}
+    fresh = [{"item_id": "fresh-1", **fields}, {"item_id": "fresh-2", "title": "Stainless steel hex bolts, M8, box of 100"}]
+    assert requests.put(f"{url}/v1/items", json={"items": fresh}, timeout=60).status_code == 401
+    r = requests.put(f"{url}/v1/items", json={"items": fresh}, headers=AUTH, timeout=120)
+    assert r.status_code == 200 and r.json() == {"upserted": 2, "new": 2}, r.text
+    # events may name the new items at once; the profile and recommendations use their vectors
+    assert post(service, [{"event_id": "fr-1", "user_id": "fresh-fan", "item_id": "fresh-2", "type": "purchase",
+                           "ts": 1_700_000_000}]).status_code == 200
+    got = recs(service, "fresh-fan", k=200)["items"]
+    local = load_serving_recommender(service["cfg"])  # the prepared items plus the durable catalog
+    assert local.index.row("fresh-2") == len(local.index) - 1
+    text = item_text(fresh[1]["title"], None, None, None)
+    np.testing.assert_allclose(local.index.vector("fresh-2"), TextEncoder().encode([text])[0], atol=1e-5)
+    expected = local.recommend(local_state(service, "fresh-fan"), k=200)
+    assert [i["item_id"] for i in got] == [i["item_id"] for i in expected]
+    assert {"fresh-1", "fresh-2"} <= {i["item_id"] for i in got}
+    bad = requests.put(f"{url}/v1/items", json={"items": [{"item_id": "x"}]}, headers=AUTH, timeout=60)
+    assert bad.status_code == 422 and "title" in bad.text
+    twice = requests.put(f"{url}/v1/items", json={"items": [fresh[1], fresh[1]]}, headers=AUTH, timeout=60)
+    assert twice.status_code == 422 and "twice" in twice.text
+
+
+def local_state(service, user):
+    """The user's state as its shard actor holds it."""
+    import ray
+
+    actor = ray.get_actor(shard_actor_name(APP, shard_of(user, 2), 2), namespace=NAMESPACE)
+    return next(s for s in states_from_table(ray.get(actor.state_table.remote())) if s.user_id == user)
 
 
 def test_health(service):

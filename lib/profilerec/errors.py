@@ -20,3 +20,8 @@ class ValidationError(ProfilerecError):
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
+
+
+class ShardRetired(ProfilerecError):
+    """A profile shard stopped taking writes because the service is being re-partitioned; the
+    same request, retried, reaches the new shards (event ids make the retry safe)."""

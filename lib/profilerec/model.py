@@ -123,6 +123,19 @@ class ProfileScorer(nn.Module):
         for name, value in buffers.items():
             self.register_buffer(name, value.to(self.item_vectors.device), persistent=False)
 
+    def set_items(self, item_vectors: np.ndarray, priors: ItemPriors) -> None:
+        """Score over a grown or changed catalog (rows never move; new rows are new items, which
+        have no ID embedding and are scored by their text alone)."""
+        vectors = torch.as_tensor(item_vectors, dtype=torch.float32).to(self.item_vectors.device)
+        if self.item_ids is not None and len(vectors) > self.item_ids.num_embeddings:
+            grown = nn.Embedding(len(vectors), self.item_ids.embedding_dim).to(vectors.device)
+            nn.init.zeros_(grown.weight)
+            with torch.no_grad():
+                grown.weight[: self.item_ids.num_embeddings] = self.item_ids.weight
+            self.item_ids = grown
+        self.register_buffer("item_vectors", vectors, persistent=False)
+        self.set_priors(priors)
+
     def item_matrix(self) -> torch.Tensor:
         """[items, D] unit vectors the user vector is compared with."""
         reps = self.proj(self.item_vectors)

@@ -108,6 +108,16 @@ def _csr(popularity: np.ndarray, pairs: dict[tuple[int, int], float], n: int, sp
                       counts=np.array([pairs[k] for k in keys], dtype=np.float32), span=span)
 
 
+def grown_priors(priors: ItemPriors, n: int) -> ItemPriors:
+    """`priors` over `n` >= its rows: the new rows (items added while serving) have no statistics."""
+    extra = n - priors.num_items
+    if extra < 0:
+        raise ValueError(f"priors cover {priors.num_items} items; cannot shrink them to {n}")
+    return ItemPriors(popularity=np.concatenate([priors.popularity, np.zeros(extra)]),
+                      indptr=np.concatenate([priors.indptr, np.full(extra, priors.indptr[-1], dtype=np.int64)]),
+                      indices=priors.indices, counts=priors.counts, span=priors.span)
+
+
 def empty_priors(n: int) -> ItemPriors:
     """No statistics: zero popularity, no transitions."""
     return _csr(np.zeros(n, dtype=np.float64), {}, n)

@@ -10,7 +10,7 @@ profile (cosine of the interest vectors); a user with no event yet gets the popu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +19,7 @@ import torch
 from profilerec.encoder import text_hash
 from profilerec.index import ItemIndex
 from profilerec.model import SCORER_META, ProfileScorer, load_scorer, scorer_batch, scorer_exists
-from profilerec.priors import ItemPriors, empty_priors
+from profilerec.priors import ItemPriors, empty_priors, grown_priors
 from profilerec.profile import ProfileParams, ProfileState, event_embedding, interest_vectors, zero_shot_query
 from profilerec.schema import Event
 
@@ -63,11 +63,20 @@ class Recommender:
         if self.scorer is not None:
             self.scorer.set_priors(priors)
 
+    def upsert_items(self, items: pa.Table, vectors: np.ndarray) -> None:
+        """Add new items (ITEMS_SCHEMA rows with their unit `vectors`) and replace changed ones;
+        they are scored from now on. New items have no popularity or transitions yet."""
+        cols = items.to_pydict()
+        self.index.upsert(cols["item_id"], vectors, cols["brand"], cols["categories"], cols["title"])
+        self.priors = grown_priors(self.priors or empty_priors(0), len(self.index))
+        if self.scorer is not None:
+            self.scorer.set_items(self.index.vectors, self.priors)
+
     def scores(self, states: Sequence[ProfileState]) -> np.ndarray:
         """[len(states), items] scores; higher is better. Cold users get popularity scores."""
         out = np.empty((len(states), len(self.index)), dtype=np.float32)
         cold = [i for i, s in enumerate(states) if not s.recent and s.long_sum is None]
-        warm = [i for i in range(len(states)) if i not in set(cold)]
+        warm = sorted(set(range(len(states))) - set(cold))
         if warm and self.scorer is not None:
             batch = scorer_batch([states[i] for i in warm], self.index.row, self.params, self.scorer.params,
                                  self.index.dim)

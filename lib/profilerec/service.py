@@ -1,34 +1,46 @@
 """The profilerec HTTP API and its Ray Serve deployments (serve/app.py is the entry point).
 
 Routes: POST /v1/events, GET /v1/users/{user_id}/recommendations, GET /v1/users/{user_id}/profile,
-DELETE /v1/users/{user_id}, GET /healthz. The ingress checks every request, groups events by the
-shard that owns their user, and waits until each shard has logged them before answering.
+DELETE /v1/users/{user_id}, PUT /v1/items, GET /healthz (OpenAPI spec at /openapi.json, docs at
+/docs). The ingress checks every request, groups events by the shard that owns their user, and
+waits until each shard has logged them before answering. New or changed items are encoded by the
+Encoder deployment (requests batched with @serve.batch), written to the durable item catalog
+(catalog.py), then picked up by every shard with no restart.
 """
 
 
 import asyncio
 import dataclasses
+import functools
+import json
 import logging
 import os
 import secrets
-from typing import Any, Literal, Optional, Union
+import time
+from typing import Annotated, Any, Literal, Optional, Union
 
-import ray
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+import numpy as np
+import pyarrow as pa
+from fastapi import FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from profilerec import storage
 from profilerec.config import ServeConfig, from_dict, load_config, to_dict
-from profilerec.errors import ValidationError
-from profilerec.schema import EVENT_TYPES, MAX_ID_CHARS, MAX_TEXT_CHARS, validate_event
-from profilerec.shard_actors import get_or_create_shards
+from profilerec.errors import ShardRetired, ValidationError
+from profilerec.catalog import ItemCatalog
+from profilerec.schema import EVENT_TYPES, ITEMS_SCHEMA, MAX_ID_CHARS, MAX_TEXT_CHARS, item_text, validate_event
+from profilerec.shard_actors import open_shards
 from profilerec.shard import pseudonym, shard_of
 
 log = logging.getLogger("profilerec.serve")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_TITLE_CHARS = 1000
+USER_ID = Path(min_length=1, max_length=MAX_ID_CHARS, description="the user's id, as in their events")
+RETRY_AFTER_S = 1  # what 503 answers (overload, re-partitioning) tell clients to wait
 
 api = FastAPI(
     title="profilerec",
@@ -66,13 +78,81 @@ class EventsOut(BaseModel):
     duplicates: int
 
 
+class ItemIn(BaseModel):
+    """A new item, or the new version of an item (it replaces the old one whole)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    title: Optional[str] = Field(default=None, max_length=MAX_TITLE_CHARS)
+    description: Optional[str] = Field(default=None, max_length=MAX_TEXT_CHARS)
+    brand: Optional[str] = Field(default=None, max_length=MAX_TITLE_CHARS)
+    categories: list[Annotated[str, Field(min_length=1, max_length=MAX_TITLE_CHARS)]] = Field(default_factory=list,
+                                                                                                max_length=50)
+    extra: Optional[dict[str, Union[str, float, int, bool]]] = None
+
+
+class ItemsIn(BaseModel):
+    """A batch of items, applied all or nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ItemIn] = Field(min_length=1, max_length=500)
+
+
+class ItemsOut(BaseModel):
+    upserted: int
+    new: int
+
+
 def _client_error(status: int, field: list[Any], message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": [{"loc": field, "msg": message}]})
 
 
-def _now() -> float:
-    import time
+@functools.lru_cache(maxsize=None)
+def _metrics():
+    from profilerec.telemetry import IngressMetrics
 
+    return IngressMetrics()
+
+
+@api.middleware("http")
+async def limit_body_and_count_rejections(request: Request, call_next):
+    """413 for bodies over MAX_BODY_BYTES (before parsing them); 4xx answers are counted."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        too_big = not length.isdigit() or int(length) > MAX_BODY_BYTES
+    else:  # chunked: the proxy has the whole body already
+        too_big = len(await request.body()) > MAX_BODY_BYTES
+    if too_big:
+        response = _client_error(413, ["body"], f"the request body is larger than {MAX_BODY_BYTES} bytes: "
+                                                "send fewer events or items per request")
+    else:
+        response = await call_next(request)
+    if 400 <= response.status_code < 500:
+        _metrics().rejected.inc(tags={"status": str(response.status_code)})
+    return response
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    # errors raised inside a shard actor reach the ingress wrapped in a RayTaskError
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error
+
+
+@api.exception_handler(Exception)
+async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    """Never a stack trace to the client: 503 + Retry-After while shards move, else a logged 500."""
+    cause = _unwrap(error)
+    if isinstance(cause, ShardRetired):
+        return JSONResponse(status_code=503, content={"detail": str(cause)},
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+    route = request.scope.get("route")  # the path template: user ids stay out of the logs
+    log.error("%s %s failed: %s", request.method, getattr(route, "path", "?"), cause, exc_info=cause)
+    return JSONResponse(status_code=500, content={"detail": "internal error; it has been logged"})
+
+
+def _now() -> float:
     return time.time()
 
 
@@ -90,21 +170,49 @@ def api_token(cfg: ServeConfig) -> str:
     return storage.read_bytes(location).decode().strip()
 
 
+@serve.deployment(name="Encoder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256,
+                  max_queued_requests=1024, backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S))
+class Encoder:
+    """The text model that encoded the item index, encoding new item texts in batches."""
+
+    def __init__(self, config: dict[str, Any]):
+        from profilerec.encoder import TextEncoder
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        cfg = from_dict(ServeConfig, config)
+        # the model and settings recorded by the encode job, so new vectors match the index
+        manifest = storage.read_json(storage.join(cfg.embeddings, "manifest.json"))
+        self.encoder = TextEncoder(manifest["model"], max_length=manifest["max_length"])
+        log.info("encoder ready: %s on %s", manifest["model"], self.encoder.device)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
+    async def encode(self, texts: list[str]) -> list[list[float]]:
+        """Unit vectors of `texts` (each call passes one text; Serve groups concurrent calls)."""
+        return self.encoder.encode(texts).tolist()
+
+
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64,
-                  max_queued_requests=256)
+                  max_queued_requests=256, backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S))
 @serve.ingress(api)
 class Ingress:
     """Checks requests, routes them to the shard of their user, and answers."""
 
-    def __init__(self, config: Optional[dict[str, Any]] = None):
+    def __init__(self, config: dict[str, Any], encoder: Any):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.cfg = from_dict(ServeConfig, config or {})
+        self.cfg = from_dict(ServeConfig, config)
+        self.encoder = encoder
         app_name = serve.get_replica_context().app_name
-        self.shards = get_or_create_shards(self.cfg, app_name)
+        self.shards = open_shards(self.cfg, app_name)
         items = storage.read_table(storage.join(self.cfg.prepared, "items.parquet"), columns=["item_id"])
         self.known_items = set(items.column("item_id").to_pylist())
+        self.catalog = ItemCatalog(self.cfg.state_dir)
+        self._learn_added_items()
         self.token = api_token(self.cfg)
         log.info("ingress ready: %d shards, %d items", len(self.shards), len(self.known_items))
+
+    def _learn_added_items(self) -> None:
+        for items, _ in self.catalog.unapplied():
+            self.known_items.update(items.column("item_id").to_pylist())
 
     def _require_token(self, authorization: Optional[str]) -> None:
         if not authorization or not authorization.startswith("Bearer "):
@@ -118,6 +226,8 @@ class Ingress:
         """Apply a batch of events; every accepted event is durable before the answer."""
         self._require_token(authorization)
         now = _now()
+        if any(e.item_id is not None and e.item_id not in self.known_items for e in body.events):
+            self._learn_added_items()  # perhaps added through another replica
         events = []
         for i, raw in enumerate(body.events):
             data = raw.model_dump()
@@ -134,16 +244,42 @@ class Ingress:
         return EventsOut(accepted=sum(r["accepted"] for r in results),
                          duplicates=sum(r["duplicates"] for r in results))
 
+    @api.put("/v1/items", response_model=ItemsOut)
+    async def put_items(self, body: ItemsIn, authorization: Optional[str] = Header(default=None)):
+        """Add or replace items: encoded, made durable, then recommended by every shard."""
+        self._require_token(authorization)
+        seen: set[str] = set()
+        for i, item in enumerate(body.items):
+            if item.item_id in seen:
+                return _client_error(422, ["body", "items", i, "item_id"], f"item {item.item_id!r} appears twice")
+            seen.add(item.item_id)
+            if not (item.title or "").strip() and not (item.description or "").strip():
+                return _client_error(422, ["body", "items", i, "title"],
+                                     "an item needs a title or a description: its text is what it is recommended by")
+        rows = [{**item.model_dump(), "extra": json.dumps(item.extra) if item.extra else None} for item in body.items]
+        items = pa.Table.from_pylist(rows, schema=ITEMS_SCHEMA)
+        texts = [item_text(r["title"], r["brand"], r["categories"], r["description"]) for r in rows]
+        vectors = np.asarray(await asyncio.gather(*(self.encoder.encode.remote(t) for t in texts)), dtype=np.float32)
+        new = sum(1 for r in rows if r["item_id"] not in self.known_items)
+        self.catalog.append(items, vectors)  # durable before anything else sees the items
+        self.known_items.update(seen)
+        await asyncio.gather(*(shard.sync_items.remote() for shard in self.shards))
+        log.info("upserted %d items (%d new)", len(rows), new)
+        return ItemsOut(upserted=len(rows), new=new)
+
     @api.get("/v1/users/{user_id}/recommendations")
-    async def recommendations(self, user_id: str, k: int = Query(10, ge=1, le=200), exclude_seen: bool = False,
+    async def recommendations(self, user_id: str = USER_ID, k: int = Query(10, ge=1, le=200), exclude_seen: bool = False,
                               brand: Optional[str] = Query(None, max_length=200),
                               category: Optional[str] = Query(None, max_length=200)):
         """The top-k items for the user (popular items for a user with no events yet)."""
+        started = time.perf_counter()
         shard = self.shards[shard_of(user_id, self.cfg.num_shards)]
-        return await shard.recommend.remote(user_id, k, exclude_seen, brand, category)
+        answer = await shard.recommend.remote(user_id, k, exclude_seen, brand, category)
+        _metrics().recommend_seconds.observe(time.perf_counter() - started)
+        return answer
 
     @api.get("/v1/users/{user_id}/profile")
-    async def profile(self, user_id: str):
+    async def profile(self, user_id: str = USER_ID):
         """What the profile holds: interests, recent events, and why the top items are chosen."""
         described = await self.shards[shard_of(user_id, self.cfg.num_shards)].describe.remote(user_id)
         if described is None:
@@ -151,7 +287,7 @@ class Ingress:
         return described
 
     @api.delete("/v1/users/{user_id}")
-    async def forget(self, user_id: str, authorization: Optional[str] = Header(default=None)):
+    async def forget(self, user_id: str = USER_ID, authorization: Optional[str] = Header(default=None)):
         """Forget the user everywhere: memory, log and snapshots."""
         self._require_token(authorization)
         known = await self.shards[shard_of(user_id, self.cfg.num_shards)].forget.remote(user_id)
@@ -165,11 +301,12 @@ class Ingress:
         return {"status": "ok", "shards": len(stats), "users": sum(s["users"] for s in stats)}
 
 
-def build_app(cfg: ServeConfig):
-    """The application bound to `cfg`, its local paths made absolute for the replicas and actors."""
+def build_app(cfg: ServeConfig, **ingress_options: Any):
+    """The application bound to `cfg`, its local paths made absolute for the replicas and actors
+    (`ingress_options`: deployment options of the ingress, e.g. max_ongoing_requests)."""
     paths = ("prepared", "embeddings", "model", "profiles", "state_dir", "token_file")
-    cfg = dataclasses.replace(cfg, **{p: storage.absolute(getattr(cfg, p)) for p in paths})
-    return Ingress.bind(to_dict(cfg))
+    config = to_dict(dataclasses.replace(cfg, **{p: storage.absolute(getattr(cfg, p)) for p in paths}))
+    return Ingress.options(**ingress_options).bind(config, Encoder.bind(config))
 
 
 def app_from_env():

@@ -2,57 +2,96 @@
 
 Profile shards are named, detached Ray actors created by the application, one per shard, with
 `max_restarts=-1`: when one dies, Ray restarts it and it rebuilds its users from its snapshot and
-write-ahead log (store.py). Their names carry the application name and the shard count, so a
-redeploy with the same settings finds the same actors, and a changed shard count starts a new set
-that re-partitions the durable state.
+write-ahead log (store.py). Calls to a restarting shard wait for it (`max_task_retries=-1`; safe,
+every write is keyed by event id). Their names carry the application name and the shard count,
+so a redeploy with the same settings finds the same actors, with their users in memory.
+
+Two changes are handled when an ingress replica starts (`open_shards`):
+
+- a changed shard count: the LayoutKeeper actor (one per application, one call at a time)
+  retires the old shards (they snapshot and refuse further writes with ShardRetired, answered
+  503 + Retry-After), moves every user to the new layout (shard.repartition), records it in
+  `<state_dir>/layout.json`, then stops the old actors and deletes the old layout;
+- other changed settings (a new model, new embeddings): the shard snapshots, is stopped, and is
+  started again with the new settings, recovering its users from the snapshot.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Optional, Sequence
 
-import numpy as np
 
 from profilerec import storage
-from profilerec.config import ServeConfig, to_dict
-from profilerec.profile import ProfileParams
+from profilerec.catalog import ItemCatalog
+from profilerec.config import ServeConfig, from_dict, to_dict
+from profilerec.errors import ShardRetired, ValidationError
 from profilerec.recommend import Recommender, load_profile_params, load_recommender
 from profilerec.schema import Event
-from profilerec.shard import ProfileShard
+from profilerec.shard import ProfileShard, layout_root, repartition
 from profilerec.store import ShardStore
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "profilerec"
+LAYOUT_FILE = "layout.json"
 
 
-def load_serving_recommender(cfg: ServeConfig) -> Recommender:
-    """The item index, text vectors, profile params, item priors and scorer the service scores with."""
+def load_serving_recommender(cfg: ServeConfig, catalog: Optional[ItemCatalog] = None) -> Recommender:
+    """The item index, text vectors, profile params, item priors and scorer the service scores
+    with, including the items added while serving (the files of `catalog` not applied yet)."""
     from profilerec.priors import read_priors
 
     items = storage.read_table(storage.join(cfg.prepared, "items.parquet"))
     recommender = load_recommender(items, cfg.embeddings, load_profile_params(cfg.model), model=cfg.model)
     if cfg.profiles:
         recommender.set_priors(read_priors(cfg.profiles, recommender.index))
+    apply_catalog(recommender, catalog or ItemCatalog(cfg.state_dir))
     return recommender
+
+
+def apply_catalog(recommender: Recommender, catalog: ItemCatalog) -> int:
+    """Apply the catalog files not applied yet to `recommender`; returns the items upserted."""
+    upserted = 0
+    for items, vectors in catalog.unapplied():
+        recommender.upsert_items(items, vectors)
+        upserted += items.num_rows
+    return upserted
 
 
 class ShardActor:
     """A ProfileShard inside a Ray actor (wrapped with ray.remote by the service)."""
 
     def __init__(self, shard: int, config: dict[str, Any]):
-        from profilerec.config import from_dict
+        from profilerec.telemetry import ShardMetrics
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.config = config
         self.cfg = from_dict(ServeConfig, config)
-        recommender = load_serving_recommender(self.cfg)
-        store = ShardStore(storage.join(self.cfg.state_dir, f"shards-{self.cfg.num_shards}"), shard)
+        self.catalog = ItemCatalog(self.cfg.state_dir)
+        # items added while serving are applied first: the log being recovered may name them
+        recommender = load_serving_recommender(self.cfg, self.catalog)
+        store = ShardStore(layout_root(self.cfg.state_dir, self.cfg.num_shards), shard)
         self.shard = ProfileShard(shard, recommender, store, snapshot_every=self.cfg.snapshot_every)
+        self.metrics = ShardMetrics(shard)
+        self.retired = False
 
     def apply(self, events: Sequence[Event]) -> dict[str, int]:
-        return self.shard.apply(events)
+        if self.retired:
+            raise ShardRetired(f"profile shard {self.shard.shard} of {self.cfg.num_shards} is retired: "
+                               "the service is re-partitioning its users; retry the request")
+        started = time.perf_counter()
+        index = self.shard.recommender.index
+        if any(e.item_id is not None and e.item_id not in index for e in events):
+            self.sync_items()  # items added through another ingress replica a moment ago
+            unknown = next((e.item_id for e in events if e.item_id is not None and e.item_id not in index), None)
+            if unknown is not None:
+                raise ValidationError("item_id", f"unknown item {unknown!r}")
+        result = self.shard.apply(events)
+        self.metrics.batch_applied(result, time.perf_counter() - started, len(self.shard.users))
+        return result
 
     def recommend(self, user_id: str, k: int, exclude_seen: bool, brand: Optional[str],
                   category: Optional[str]) -> dict[str, Any]:
@@ -70,13 +109,107 @@ class ShardActor:
     def stats(self) -> dict[str, Any]:
         return self.shard.stats()
 
+    def sync_items(self) -> int:
+        """Apply the items added to the catalog since the last call; returns how many."""
+        return apply_catalog(self.shard.recommender, self.catalog)
+
+    def settings(self) -> dict[str, Any]:
+        """The ServeConfig this shard runs with (as a dict)."""
+        return self.config
+
+    def retire(self) -> None:
+        """Snapshot everything and refuse writes from now on (reads still work)."""
+        if not self.retired:
+            self.shard.snapshot()
+            self.retired = True
+
     def ping(self) -> int:
         return os.getpid()
+
+
+class LayoutKeeper:
+    """Brings the durable shard layout and the running shards in line with the configured
+    settings before an ingress uses them; one call at a time, so replicas starting together
+    cannot race (see the module docstring)."""
+
+    def ensure(self, config: dict[str, Any], app_name: str) -> dict[str, Any]:
+        """Re-partition for a changed shard count, restart shards whose settings changed, remove
+        retired layouts; returns the current layout."""
+        import ray
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        cfg = from_dict(ServeConfig, config)
+        location = storage.join(cfg.state_dir, LAYOUT_FILE)
+        layout = storage.read_json(location) if storage.exists(location) else {"num_shards": cfg.num_shards}
+        retired = list(layout.get("retired", []))
+        old = layout["num_shards"]
+        if old != cfg.num_shards:
+            log.info("re-partitioning the profiles from %d to %d shards", old, cfg.num_shards)
+            started = time.perf_counter()
+            ray.get([handle.retire.remote() for _, handle in find_shards(app_name, old)])
+            moved = repartition(cfg.state_dir, old, cfg.num_shards, load_serving_recommender(cfg))
+            retired.append(old)
+            log.info("moved %d users from %d to %d shards in %.1f s", moved, old, cfg.num_shards,
+                     time.perf_counter() - started)
+        storage.write_json({"num_shards": cfg.num_shards, "retired": retired}, location, durable=True)
+        for n in retired:
+            for name, _ in find_shards(app_name, n):
+                stop_actor(name)
+            storage.delete(layout_root(cfg.state_dir, n))
+        for name, handle in find_shards(app_name, cfg.num_shards):
+            if ray.get(handle.settings.remote()) != config:
+                log.info("settings changed: restarting profile shard actor %s with the new ones", name)
+                ray.get(handle.retire.remote())
+                stop_actor(name)
+        layout = {"num_shards": cfg.num_shards, "retired": []}
+        storage.write_json(layout, location, durable=True)
+        return layout
 
 
 def shard_actor_name(app_name: str, shard: int, num_shards: int) -> str:
     """Stable name of a shard actor: a redeploy with the same shard count finds it again."""
     return f"{app_name}-shard-{shard}-of-{num_shards}"
+
+
+def find_shards(app_name: str, num_shards: int) -> list[tuple[str, Any]]:
+    """(name, handle) of the running shard actors of a `num_shards` layout (missing ones skipped)."""
+    import ray
+
+    found = []
+    for shard in range(num_shards):
+        name = shard_actor_name(app_name, shard, num_shards)
+        try:
+            found.append((name, ray.get_actor(name, namespace=NAMESPACE)))
+        except ValueError:
+            pass
+    return found
+
+
+def stop_actor(name: str, timeout_s: float = 60.0) -> None:
+    """Kill the named detached actor for good and wait until its name is free again."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            handle = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        ray.kill(handle, no_restart=True)
+        time.sleep(0.2)
+    raise TimeoutError(f"actor {name} did not stop within {timeout_s:.0f} s")
+
+
+def open_shards(cfg: ServeConfig, app_name: str) -> list[Any]:
+    """Handles of this application's shard actors, once the LayoutKeeper has brought the durable
+    layout and the running shards in line with `cfg`."""
+    import ray
+
+    keeper = ray.remote(LayoutKeeper).options(
+        name=f"{app_name}-layout", namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        max_restarts=-1, max_task_retries=-1, num_cpus=0, max_concurrency=1).remote()
+    ray.get(keeper.ensure.remote(to_dict(cfg), app_name))
+    return get_or_create_shards(cfg, app_name)
 
 
 def get_or_create_shards(cfg: ServeConfig, app_name: str) -> list[Any]:
