@@ -33,6 +33,7 @@ def test_pack_then_unpack_gives_back_the_same_state_and_hashes():
     assert states_to_table([back]).equals(states_to_table([state]))
     assert back.counters == state.counters and list(back.counters) == list(state.counters)
     np.testing.assert_array_equal(back_hashes, hashes)
+    np.testing.assert_array_equal(StateCodec.hashes(c.pack(state, hashes)), hashes)
     empty, none = c.unpack("u2", c.pack(ProfileState("u2"), np.zeros(0, np.uint64)), 384)
     assert empty == ProfileState("u2") and len(none) == 0
 

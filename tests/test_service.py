@@ -109,6 +109,8 @@ def test_malformed_requests_get_4xx(service):
     assert requests.get(f"{url}/v1/users/{'u' * 300}/recommendations", timeout=60).status_code == 422
     huge = requests.post(f"{url}/v1/events", data=b" " * (4 * 1024 * 1024 + 1), headers=AUTH, timeout=60)
     assert huge.status_code == 413 and "larger than" in huge.text
+    streamed = requests.post(f"{url}/v1/events", data=iter([b" " * (3 * 1024 * 1024)] * 2), headers=AUTH, timeout=60)
+    assert streamed.status_code == 413 and "larger than" in streamed.text  # chunked: no length announced
 
 
 def test_writes_need_the_bearer_token(service):

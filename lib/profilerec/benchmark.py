@@ -27,7 +27,7 @@ import time
 from typing import Any, Optional
 
 from profilerec import storage
-from profilerec.config import BenchmarkConfig, EvaluateConfig, ScorerConfig
+from profilerec.config import BenchmarkConfig, ScorerConfig
 
 log = logging.getLogger(__name__)
 

@@ -86,6 +86,7 @@ class ProfileScorer(nn.Module):
         self.params = params
         self.window = window
         self.trained_on: list[str] = []  # splits whose targets it learned from (set when loaded)
+        self._items_cache: Optional[torch.Tensor] = None  # item_matrix() while serving
         # item vectors and priors come from the index and the log at load time, not from the weights
         self.register_buffer("item_vectors", torch.as_tensor(item_vectors, dtype=torch.float32), persistent=False)
         self.proj = nn.Linear(dim, dim, bias=False)
@@ -134,14 +135,29 @@ class ProfileScorer(nn.Module):
                 grown.weight[: self.item_ids.num_embeddings] = self.item_ids.weight
             self.item_ids = grown
         self.register_buffer("item_vectors", vectors, persistent=False)
+        self._items_cache = None
         self.set_priors(priors)
 
     def item_matrix(self) -> torch.Tensor:
-        """[items, D] unit vectors the user vector is compared with."""
+        """[items, D] unit vectors the user vector is compared with. Kept between calls while
+        serving (eval mode, no gradients): projecting every item is most of a request's work."""
+        serving = not self.training and not torch.is_grad_enabled()
+        if serving and self._items_cache is not None:
+            return self._items_cache
         reps = self.proj(self.item_vectors)
         if self.item_ids is not None:
             reps = reps + self.item_ids.weight
-        return F.normalize(reps, dim=-1)
+        reps = F.normalize(reps, dim=-1)
+        self._items_cache = reps if serving else None
+        return reps
+
+    def train(self, mode: bool = True) -> "ProfileScorer":
+        self._items_cache = None  # the weights are about to change (or just did)
+        return super().train(mode)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self._items_cache = None
+        return super().load_state_dict(*args, **kwargs)
 
     def user_vectors(self, batch: ScorerBatch, items: torch.Tensor) -> torch.Tensor:
         """[B, D] unit user vectors from the window and the interest vectors."""

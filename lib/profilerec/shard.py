@@ -180,7 +180,7 @@ class ProfileShard:
 
     def _seen(self, user_id: str, hashed: int) -> bool:
         blob = self.users.get(user_id)
-        return blob is not None and hashed in self._unpack(user_id)[1]
+        return blob is not None and hashed in StateCodec.hashes(blob)
 
     def _apply_one(self, event: Event) -> None:
         state, hashes = self._unpack(event.user_id)

@@ -1,0 +1,194 @@
+"""Open-loop load on the live service, side by side with a no-op Serve deployment (the floor).
+
+    python bench/serve_bench.py --work_dir work          # a work folder built by `profilerec demo`
+
+Both applications run on one local Ray instance behind the same Serve HTTP proxy:
+
+- noop:       a FastAPI ingress answering GET /v1/users/{user_id}/recommendations with a constant;
+- profilerec: the real service (serve/app.py) on the work folder, with durability on (every
+              accepted event fsync'd to the write-ahead log before the answer).
+
+Requests are sent on a fixed schedule (open loop: a slow answer does not delay the next send)
+and each latency is measured from its scheduled send time, so queueing is counted. Phases:
+
+  1. noop recommendations at --rate requests/s                       (the floor)
+  2. profilerec recommendations at --rate requests/s, warm users
+  3. profilerec event batches of --batch events at --event_rate events/s
+  4. mixed: recommendations at --rate/2 and event batches at --event_rate/2, at once
+
+Prints p50/p95/p99 latency, achieved throughput and errors per phase, then the ratios of
+phase 2 to phase 1. The load generator runs on the same machine and takes CPU from the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import aiohttp
+import numpy as np
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    units: int = 0  # requests, or events for event phases
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(np.array(self.latencies) * 1000, q)) if self.latencies else float("nan")
+
+    def line(self, unit: str) -> str:
+        lat = self.latencies
+        p50, p95, p99 = (self.percentile_ms(q) for q in (50, 95, 99))
+        return (f"{self.name:<44} p50 {p50:7.2f} ms  p95 {p95:7.2f} ms  p99 {p99:7.2f} ms  "
+                f"{self.units / self.seconds:8.1f} {unit}/s  ok {len(lat)}  errors {self.errors or 0}")
+
+
+async def open_loop(session: aiohttp.ClientSession, rate: float, seconds: float,
+                    make_request: Callable[[int], tuple[str, str, Any]], result: PhaseResult, per_ok: int = 1) -> None:
+    """Send make_request(i) at t0 + i / rate for `seconds`; record latency from the scheduled time."""
+    start = time.perf_counter() + 0.05
+    tasks = []
+
+    async def one(i: int, scheduled: float) -> None:
+        method, url, body = make_request(i)
+        try:
+            async with session.request(method, url, json=body) as response:
+                await response.read()
+                if response.status == 200:
+                    result.latencies.append(time.perf_counter() - scheduled)
+                    result.units += per_ok
+                else:
+                    result.errors[str(response.status)] = result.errors.get(str(response.status), 0) + 1
+        except aiohttp.ClientError as e:
+            result.errors[type(e).__name__] = result.errors.get(type(e).__name__, 0) + 1
+
+    for i in range(int(rate * seconds)):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, scheduled)))
+    await asyncio.gather(*tasks)
+    result.seconds = time.perf_counter() - start
+
+
+def noop_app():
+    """The floor: the same HTTP route shape, answered with a constant."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(name="Noop", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+    @serve.ingress(api)
+    class Noop:
+        @api.get("/v1/users/{user_id}/recommendations")
+        async def recommendations(self, user_id: str, k: int = 10):
+            return {"user_id": user_id, "items": []}
+
+    return Noop.bind()
+
+
+async def run_phases(args: argparse.Namespace, base: str, token: str, items: list[str]) -> list[tuple[PhaseResult, str]]:
+    users = [f"bench-user-{n}" for n in range(args.users)]
+    headers = {"Authorization": f"Bearer {token}"}
+    connector = aiohttp.TCPConnector(limit=0)
+    results = []
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        run_id = f"{time.time():.0f}"
+
+        def events_body(i: int, tag: str) -> tuple[str, str, Any]:
+            events = [{"event_id": f"{run_id}-{tag}-{i}-{j}", "user_id": users[(i * args.batch + j) % len(users)],
+                       "item_id": items[(i * 31 + j * 7) % len(items)], "type": "click"} for j in range(args.batch)]
+            return "POST", f"{base}/v1/events", {"events": events}
+
+        session.headers.update(headers)
+        # warm-up: every bench user gets a few events, both apps answer a few requests
+        warm_batches = 3 * len(users) // args.batch + 1  # about three events per user
+        await open_loop(session, 20, warm_batches / 20, lambda i: events_body(i, "warm"), PhaseResult("warm-up", 0))
+        for prefix in ("/noop", ""):
+            await open_loop(session, 50, 1, lambda i, p=prefix: ("GET", f"{base}{p}/v1/users/{users[i % len(users)]}/recommendations?k=10", None),
+                            PhaseResult("warm-up", 0))
+
+        def recs(prefix: str) -> Callable[[int], tuple[str, str, Any]]:
+            return lambda i: ("GET", f"{base}{prefix}/v1/users/{users[(i * 7) % len(users)]}/recommendations?k=10", None)
+
+        noop = PhaseResult(f"1. no-op Serve deployment, {args.rate:g} req/s", 0)
+        await open_loop(session, args.rate, args.seconds, recs("/noop"), noop)
+        results.append((noop, "req"))
+        ours = PhaseResult(f"2. recommendations, {args.rate:g} req/s", 0)
+        await open_loop(session, args.rate, args.seconds, recs(""), ours)
+        results.append((ours, "req"))
+        batches = args.event_rate / args.batch
+        events = PhaseResult(f"3. events, {args.event_rate:g}/s in batches of {args.batch}", 0)
+        await open_loop(session, batches, args.seconds, lambda i: events_body(i, "load"), events, per_ok=args.batch)
+        results.append((events, "events"))
+        mixed_recs = PhaseResult(f"4. mixed: recommendations, {args.rate / 2:g} req/s", 0)
+        mixed_events = PhaseResult(f"4. mixed: events, {args.event_rate / 2:g}/s", 0)
+        await asyncio.gather(
+            open_loop(session, args.rate / 2, args.seconds, recs(""), mixed_recs),
+            open_loop(session, batches / 2, args.seconds, lambda i: events_body(i, "mixed"), mixed_events,
+                      per_ok=args.batch))
+        results += [(mixed_recs, "req"), (mixed_events, "events")]
+    return results
+
+
+def main() -> None:
+    from ray import serve
+
+    from profilerec import storage
+    from profilerec.cluster import init_ray
+    from profilerec.config import PipelineConfig, RayConfig
+    from profilerec.datasets import read_prepared
+    from profilerec.pipeline import stage_configs
+    from profilerec.service import api_token, build_app
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", default="work", help="a work folder built by `profilerec demo`")
+    parser.add_argument("--rate", type=float, default=100.0, help="recommendation requests per second")
+    parser.add_argument("--event_rate", type=float, default=1000.0, help="events per second")
+    parser.add_argument("--batch", type=int, default=100, help="events per POST /v1/events")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--num_shards", type=int, default=2)
+    parser.add_argument("--port", type=int, default=8123)
+    args = parser.parse_args()
+
+    work = storage.absolute(args.work_dir)
+    # the demo's locations for the model and data; a separate, fresh state for the benchmark
+    cfg = dataclasses.replace(stage_configs(PipelineConfig(work_dir=work)).serve, num_shards=args.num_shards,
+                              state_dir=storage.join(work, "bench_serve_state"))
+    storage.delete(cfg.state_dir)  # a fresh service state for every run
+    init_ray(RayConfig())
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    serve.run(noop_app(), name="noop", route_prefix="/noop")
+    serve.run(build_app(cfg), name="profilerec-bench", route_prefix="/")
+    items = read_prepared(cfg.prepared).items.column("item_id").to_pylist()
+    results = asyncio.run(run_phases(args, f"http://127.0.0.1:{args.port}", api_token(cfg), items))
+
+    print(f"\nmachine: {platform.node()} ({os.cpu_count()} cores), Ray Serve on localhost, "
+          f"{args.num_shards} profile shards, {len(items)} items, durability on (fsync per batch)")
+    for result, unit in results:
+        print(result.line(unit))
+    noop, ours = results[0][0], results[1][0]
+    print(f"\nrecommendation vs no-op floor at {args.rate:g} req/s: "
+          f"p50 {ours.percentile_ms(50) / noop.percentile_ms(50):.2f}x (goal <= 1.5x), "
+          f"p99 {ours.percentile_ms(99) / noop.percentile_ms(99):.2f}x (goal <= 3x)")
+    events = results[2][0]
+    print(f"events accepted: {events.units / events.seconds:.0f}/s with durability on (goal >= 1000/s)")
+    serve.delete("profilerec-bench")
+    serve.delete("noop")
+
+
+if __name__ == "__main__":
+    main()
