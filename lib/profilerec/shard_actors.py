@@ -151,6 +151,8 @@ class LayoutKeeper:
             retired.append(old)
             log.info("moved %d users from %d to %d shards in %.1f s", moved, old, cfg.num_shards,
                      time.perf_counter() - started)
+        # a layout retired by an interrupted earlier change may be the one now in use again
+        retired = [n for n in retired if n != cfg.num_shards]
         storage.write_json({"num_shards": cfg.num_shards, "retired": retired}, location, durable=True)
         for n in retired:
             for name, _ in find_shards(app_name, n):
