@@ -166,6 +166,24 @@ def test_put_items_adds_them_to_every_shard_with_no_restart(service):
     assert twice.status_code == 422 and "twice" in twice.text
 
 
+def test_an_event_text_no_one_encoded_yet_moves_the_profile(service):
+    from profilerec.encoder import TextEncoder
+    from profilerec.profile import interest_vectors
+
+    text = "cordless drill with two lithium batteries and a hard case"
+    r = post(service, [{"event_id": "tx-1", "user_id": "searcher", "type": "search", "text": text,
+                        "ts": 1_700_000_000}])
+    assert r.status_code == 200, r.text
+    served = recs(service, "searcher", k=10)
+    assert served["cold_start"] is False
+    state = local_state(service, "searcher")
+    long, _ = interest_vectors(state)
+    np.testing.assert_allclose(long, TextEncoder().encode([text])[0], atol=2e-3)
+    local = load_serving_recommender(service["cfg"])  # the encode job's texts plus the durable log
+    expected = local.recommend(state, k=10)
+    assert [i["item_id"] for i in served["items"]] == [i["item_id"] for i in expected]
+
+
 def local_state(service, user):
     """The user's state as its shard actor holds it."""
     import ray

@@ -4,8 +4,8 @@ Routes: POST /v1/events, GET /v1/users/{user_id}/recommendations, GET /v1/users/
 DELETE /v1/users/{user_id}, PUT /v1/items, GET /healthz (OpenAPI spec at /openapi.json, docs at
 /docs). The ingress checks every request, groups events by the shard that owns their user, and
 waits until each shard has logged them before answering. New or changed items are encoded by the
-Encoder deployment (requests batched with @serve.batch), written to the durable item catalog
-(catalog.py), then picked up by every shard with no restart.
+Encoder deployment (requests batched with @serve.batch), written to a durable log (catalog.py),
+then picked up by every shard with no restart; so are event texts the encode job never saw.
 """
 
 
@@ -29,10 +29,12 @@ from ray.serve.config import BackpressureConfig
 
 from profilerec import storage
 from profilerec.config import ServeConfig, from_dict, load_config, to_dict
-from profilerec.catalog import ItemCatalog
+from profilerec.embeddings import read_embeddings
+from profilerec.catalog import ITEMS_LOG, TEXTS_LOG
+from profilerec.encoder import text_hash
 from profilerec.errors import ShardRetired, ValidationError
 from profilerec.schema import EVENT_TYPES, ITEMS_SCHEMA, MAX_ID_CHARS, MAX_TEXT_CHARS, item_text, validate_event
-from profilerec.shard_actors import open_shards
+from profilerec.shard_actors import open_shards, serving_logs
 from profilerec.shard import pseudonym, shard_of
 
 log = logging.getLogger("profilerec.serve")
@@ -244,14 +246,32 @@ class Ingress:
         self.shards = open_shards(self.cfg, app_name)
         items = storage.read_table(storage.join(self.cfg.prepared, "items.parquet"), columns=["item_id"])
         self.known_items = set(items.column("item_id").to_pylist())
-        self.catalog = ItemCatalog(self.cfg.state_dir)
-        self._learn_added_items()
+        self.known_texts = set(read_embeddings(self.cfg.embeddings, "texts").column("text_hash").to_pylist())
+        self.learned = serving_logs(self.cfg)
+        self._catch_up()
         self.token = api_token(self.cfg)
         log.info("ingress ready: %d shards, %d items", len(self.shards), len(self.known_items))
 
-    def _learn_added_items(self) -> None:
-        for items, _ in self.catalog.unapplied():
+    def _catch_up(self) -> None:
+        """Learn the items and texts other replicas added."""
+        for items, _ in self.learned[ITEMS_LOG].unapplied():
             self.known_items.update(items.column("item_id").to_pylist())
+        for texts, _ in self.learned[TEXTS_LOG].unapplied():
+            self.known_texts.update(texts.column("text_hash").to_pylist())
+
+    async def _encode_new_texts(self, events: list) -> None:
+        """Encode the event texts no one has encoded yet and log them durably, so every shard
+        (now or after a restart) adds the same vector to the profile."""
+        new = {text_hash(e.text): e.text for e in events if e.text}
+        new = {h: t for h, t in new.items() if h not in self.known_texts}
+        if new:
+            self._catch_up()
+            new = {h: t for h, t in new.items() if h not in self.known_texts}
+        if not new:
+            return
+        vectors = await asyncio.gather(*(self.encoder.encode.remote(t) for t in new.values()))
+        self.learned[TEXTS_LOG].append(pa.table({"text_hash": list(new)}), np.asarray(vectors, dtype=np.float32))
+        self.known_texts.update(new)
 
     def _require_token(self, authorization: Optional[str]) -> None:
         if not authorization or not authorization.startswith("Bearer "):
@@ -266,7 +286,7 @@ class Ingress:
         self._require_token(authorization)
         now = _now()
         if any(e.item_id is not None and e.item_id not in self.known_items for e in body.events):
-            self._learn_added_items()  # perhaps added through another replica
+            self._catch_up()  # perhaps added through another replica
         events = []
         for i, raw in enumerate(body.events):
             data = raw.model_dump()
@@ -276,6 +296,7 @@ class Ingress:
                 events.append(validate_event(data, self.known_items))
             except ValidationError as e:
                 return _client_error(422, ["body", "events", i, e.field], e.problem)
+        await self._encode_new_texts(events)
         by_shard: dict[int, list] = {}
         for event in events:
             by_shard.setdefault(shard_of(event.user_id, self.cfg.num_shards), []).append(event)
@@ -300,9 +321,9 @@ class Ingress:
         texts = [item_text(r["title"], r["brand"], r["categories"], r["description"]) for r in rows]
         vectors = np.asarray(await asyncio.gather(*(self.encoder.encode.remote(t) for t in texts)), dtype=np.float32)
         new = sum(1 for r in rows if r["item_id"] not in self.known_items)
-        self.catalog.append(items, vectors)  # durable before anything else sees the items
+        self.learned[ITEMS_LOG].append(items, vectors)  # durable before anything else sees the items
         self.known_items.update(seen)
-        await asyncio.gather(*(shard.sync_items.remote() for shard in self.shards))
+        await asyncio.gather(*(shard.sync_learned.remote() for shard in self.shards))
         log.info("upserted %d items (%d new)", len(rows), new)
         return ItemsOut(upserted=len(rows), new=new)
 

@@ -25,8 +25,9 @@ from typing import Any, Optional, Sequence
 
 
 from profilerec import storage
-from profilerec.catalog import ItemCatalog
+from profilerec.catalog import ITEMS_LOG, TEXTS_LOG, VectorLog
 from profilerec.config import ServeConfig, from_dict, to_dict
+from profilerec.encoder import text_hash
 from profilerec.errors import ShardRetired, ValidationError
 from profilerec.recommend import Recommender, load_profile_params, load_recommender
 from profilerec.schema import Event
@@ -39,26 +40,35 @@ NAMESPACE = "profilerec"
 LAYOUT_FILE = "layout.json"
 
 
-def load_serving_recommender(cfg: ServeConfig, catalog: Optional[ItemCatalog] = None) -> Recommender:
+def load_serving_recommender(cfg: ServeConfig, learned: Optional[dict[str, VectorLog]] = None) -> Recommender:
     """The item index, text vectors, profile params, item priors and scorer the service scores
-    with, including the items added while serving (the files of `catalog` not applied yet)."""
+    with, including the items and event texts learned while serving (the files of the `learned`
+    logs not applied yet; see serving_logs)."""
     from profilerec.priors import read_priors
 
     items = storage.read_table(storage.join(cfg.prepared, "items.parquet"))
     recommender = load_recommender(items, cfg.embeddings, load_profile_params(cfg.model), model=cfg.model)
     if cfg.profiles:
         recommender.set_priors(read_priors(cfg.profiles, recommender.index))
-    apply_catalog(recommender, catalog or ItemCatalog(cfg.state_dir))
+    apply_learned(recommender, learned or serving_logs(cfg))
     return recommender
 
 
-def apply_catalog(recommender: Recommender, catalog: ItemCatalog) -> int:
-    """Apply the catalog files not applied yet to `recommender`; returns the items upserted."""
-    upserted = 0
-    for items, vectors in catalog.unapplied():
+def serving_logs(cfg: ServeConfig) -> dict[str, VectorLog]:
+    """The durable logs of items and event texts learned while serving (catalog.py)."""
+    return {name: VectorLog(cfg.state_dir, name) for name in (ITEMS_LOG, TEXTS_LOG)}
+
+
+def apply_learned(recommender: Recommender, logs: dict[str, VectorLog]) -> int:
+    """Apply the log files not applied yet to `recommender`; returns the rows applied."""
+    applied = 0
+    for items, vectors in logs[ITEMS_LOG].unapplied():
         recommender.upsert_items(items, vectors)
-        upserted += items.num_rows
-    return upserted
+        applied += items.num_rows
+    for texts, vectors in logs[TEXTS_LOG].unapplied():
+        recommender.text_vectors.update(zip(texts.column("text_hash").to_pylist(), vectors))
+        applied += texts.num_rows
+    return applied
 
 
 class ShardActor:
@@ -70,9 +80,9 @@ class ShardActor:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.config = config
         self.cfg = from_dict(ServeConfig, config)
-        self.catalog = ItemCatalog(self.cfg.state_dir)
-        # items added while serving are applied first: the log being recovered may name them
-        recommender = load_serving_recommender(self.cfg, self.catalog)
+        self.learned = serving_logs(self.cfg)
+        # items and texts learned while serving come first: the log being recovered may use them
+        recommender = load_serving_recommender(self.cfg, self.learned)
         store = ShardStore(layout_root(self.cfg.state_dir, self.cfg.num_shards), shard)
         self.shard = ProfileShard(shard, recommender, store, snapshot_every=self.cfg.snapshot_every)
         self.metrics = ShardMetrics(shard)
@@ -83,9 +93,10 @@ class ShardActor:
             raise ShardRetired(f"profile shard {self.shard.shard} of {self.cfg.num_shards} is retired: "
                                "the service is re-partitioning its users; retry the request")
         started = time.perf_counter()
-        index = self.shard.recommender.index
-        if any(e.item_id is not None and e.item_id not in index for e in events):
-            self.sync_items()  # items added through another ingress replica a moment ago
+        index, texts = self.shard.recommender.index, self.shard.recommender.text_vectors
+        if any((e.item_id is not None and e.item_id not in index) or (e.text and text_hash(e.text) not in texts)
+               for e in events):
+            self.sync_learned()  # items or texts learned through another ingress replica a moment ago
             unknown = next((e.item_id for e in events if e.item_id is not None and e.item_id not in index), None)
             if unknown is not None:
                 raise ValidationError("item_id", f"unknown item {unknown!r}")
@@ -109,9 +120,9 @@ class ShardActor:
     def stats(self) -> dict[str, Any]:
         return self.shard.stats()
 
-    def sync_items(self) -> int:
-        """Apply the items added to the catalog since the last call; returns how many."""
-        return apply_catalog(self.shard.recommender, self.catalog)
+    def sync_learned(self) -> int:
+        """Apply the items and texts learned since the last call; returns how many."""
+        return apply_learned(self.shard.recommender, self.learned)
 
     def settings(self) -> dict[str, Any]:
         """The ServeConfig this shard runs with (as a dict)."""
