@@ -35,8 +35,8 @@ def run_profiles(cfg: ProfilesConfig) -> dict[str, Any]:
         for user_id, events in sequences.items()
     ]
     storage.write_table(states_to_table(states), storage.join(cfg.output, "states.parquet"))
-    span = recommender.scorer.params.transition_span if recommender.scorer is not None else 1
-    write_priors(item_priors(sequences, recommender.index, span=span), recommender.index, cfg.output)
+    write_priors(item_priors(sequences, recommender.index, span=recommender.transition_span), recommender.index,
+                 cfg.output)
     summary = {"users": len(states), "events": data.events.num_rows, "output": cfg.output,
                "seconds": round(time.perf_counter() - started, 2)}
     log.info("built %d profiles from %d events in %.1f s", len(states), data.events.num_rows, summary["seconds"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -66,13 +66,13 @@ def split_recommender(data, sequences: dict, embeddings: str, split: str, model:
     """A Recommender (with the scorer saved in `model`, if any) whose item priors ignore the
     targets of `split` and later splits. A scorer trained on targets of `split` is refused."""
     recommender = load_recommender(data.items, embeddings, params, model=model)
-    span = recommender.scorer.params.transition_span if recommender.scorer is not None else 1
     if recommender.scorer is not None:
         seen = set(recommender.scorer.trained_on) & set(later_splits(split))
         if seen:
             raise ConfigError(f"the scorer in {model} was trained on the targets of {sorted(seen)}: evaluating it "
                               f"on {split!r} would be meaningless (train with --refit false, or evaluate a later split)")
-    recommender.set_priors(item_priors(sequences, recommender.index, hidden_event_ids(data.cases, split), span))
+    hidden = hidden_event_ids(data.cases, split)
+    recommender.set_priors(item_priors(sequences, recommender.index, hidden, recommender.transition_span))
     return recommender
 
 
@@ -114,7 +114,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             base = split_recommender(data, sequences, cfg.baseline_embeddings, cfg.split, None, params)
             measure("zero-shot profile, base encoder", lambda: case_ranks(base, cases))
         if model.scorer is not None:
-            plain = split_recommender(data, sequences, cfg.embeddings, cfg.split, None, params)
+            plain = replace(model, scorer=None)  # same index, vectors and priors
             measure("zero-shot profile", lambda: case_ranks(plain, cases))
     measure(cfg.method_name, lambda: case_ranks(model, cases))
 

@@ -10,7 +10,7 @@ profile (cosine of the interest vectors); a user with no event yet gets the popu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +36,6 @@ class Recommender:
     text_vectors: dict[str, np.ndarray] = field(default_factory=dict)  # text_hash -> unit vector
     priors: Optional[ItemPriors] = None  # popularity and transitions counted in the log
     scorer: Optional[ProfileScorer] = None  # the trained scorer; None = zero-shot profile
-    encode_text: Optional[Callable[[str], np.ndarray]] = None  # for texts not encoded in advance
 
     def vector_of(self, event: Event) -> Optional[np.ndarray]:
         """The embedding `event` adds to a profile (item and/or its own text), or None."""
@@ -44,8 +43,6 @@ class Recommender:
         text = None
         if event.text:
             text = self.text_vectors.get(text_hash(event.text))
-            if text is None and self.encode_text is not None:
-                text = self.encode_text(event.text)
         return event_embedding(item, text, self.params)
 
     def popularity_scores(self) -> np.ndarray:
@@ -56,6 +53,11 @@ class Recommender:
             m = min(n, len(self.priors.popularity))
             pop[:m] = np.log1p(self.priors.popularity[:m])
         return pop
+
+    @property
+    def transition_span(self) -> int:
+        """How far apart two events may be to count as a transition in the priors it scores with."""
+        return self.scorer.params.transition_span if self.scorer is not None else 1
 
     def set_priors(self, priors: ItemPriors) -> None:
         """Score with these item statistics from now on (the scorer too)."""

@@ -30,7 +30,7 @@ from profilerec.profile import ProfileParams
 from profilerec.recommend import SCORER_DIR, Recommender, load_recommender
 from profilerec.replay import (Case, case_states, hidden_event_ids, iter_cases, later_splits, target_rows,
                                user_sequences)
-from profilerec.training import TRAIN_STATE, default_storage, fingerprint, read_metrics
+from profilerec.training import TRAIN_STATE, fit_on_ray_train, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,9 @@ def train_loop(config: dict[str, Any]) -> None:
     setup = training_setup(cfg)
     index = setup.recommender.index
     eval_cases = setup.cases([cfg.eval_split])
-    eval_data = case_tensors(setup.recommender, eval_cases, cfg.scorer)
     if not eval_cases:
         raise DataError(f"no {cfg.eval_split} cases in {cfg.input}: nothing to choose the epochs on")
+    eval_data = case_tensors(setup.recommender, eval_cases, cfg.scorer)
 
     progress = {"phase": 0, "epoch": 0, "best": -1.0, "best_epoch": 0, "stale": 0, "history": [],
                 "best_state": None, "model": None, "optimizer": None}
@@ -243,29 +243,12 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     Returns the manifest written beside it (validation metrics of the chosen epoch, history).
     """
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from profilerec.cluster import cluster_gpus, init_ray
-
-    init_ray(cfg.ray)
     cfg = dataclasses.replace(cfg, input=storage.absolute(cfg.input), output=storage.absolute(cfg.output),
                               embeddings=storage.absolute(cfg.embeddings))
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() > 0
-    storage_path = storage.absolute(cfg.storage_path) or default_storage(cfg.output)
-    name = f"{cfg.run_name}-{fingerprint(cfg, ('ray', 'storage_path', 'run_name', 'num_workers', 'use_gpu', 'output'))}"
     started = time.perf_counter()
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": to_dict(cfg)},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": 1}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage_path,
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise DataError(f"training run {name} produced no checkpoint")
+    run = fit_on_ray_train(train_loop, cfg, ("output",), ray.train.CheckpointConfig(num_to_keep=2))
+    result, name = run.result, run.name
     with result.checkpoint.as_directory() as folder:
         metrics = read_metrics(folder)
         if not os.path.isdir(os.path.join(folder, SCORER_DIR)):
@@ -273,9 +256,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         storage.upload_dir(os.path.join(folder, SCORER_DIR), storage.join(cfg.output, SCORER_DIR))
     history = metrics["history"]
     best = next((h for h in history if h["phase"] == "select" and h["epoch"] == metrics["best_epoch"]), {})
-    manifest = {"run": name, "storage_path": storage_path, "best_epoch": metrics["best_epoch"],
+    manifest = {"run": name, "storage_path": run.storage_path, "best_epoch": metrics["best_epoch"],
                 "validation": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
-                "refit": cfg.refit, "history": history, "embeddings": cfg.embeddings, "use_gpu": use_gpu,
+                "refit": cfg.refit, "history": history, "embeddings": cfg.embeddings, "use_gpu": run.use_gpu,
                 "num_workers": cfg.num_workers, "seconds": round(time.perf_counter() - started, 1),
                 "config": to_dict(cfg)}
     storage.write_json(manifest, storage.join(cfg.output, SCORER_DIR, "manifest.json"))

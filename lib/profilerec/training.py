@@ -219,36 +219,17 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     Returns the manifest written next to the model (best validation metrics, epochs, seconds).
     """
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from profilerec.cluster import cluster_gpus, init_ray
-
-    init_ray(cfg.ray)
     # the workers run in another directory: hand them absolute locations
     cfg = dataclasses.replace(cfg, input=storage.absolute(cfg.input), output=storage.absolute(cfg.output),
                               model=_absolute_model(cfg.model))
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() > 0
-    storage_path = storage.absolute(cfg.storage_path) or default_storage(cfg.output)
-    # more epochs continue a run
-    ignored = ("ray", "storage_path", "run_name", "num_workers", "use_gpu", "epochs", "patience", "output")
-    name = f"{cfg.run_name}-{fingerprint(cfg, ignored)}"
     started = time.perf_counter()
-    trainer = TorchTrainer(
-        finetune_loop,
-        train_loop_config={"cfg": to_dict(cfg)},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": 1}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
-                                                         checkpoint_score_order="max"),
-        ),
-    )
-    result = trainer.fit()
+    # more epochs continue a run
+    run = fit_on_ray_train(finetune_loop, cfg, ("epochs", "patience", "output"),
+                           ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
+                                                      checkpoint_score_order="max"))
+    result, name = run.result, run.name
     best = result.get_best_checkpoint(METRIC, "max") if result.best_checkpoints else result.checkpoint
-    if best is None or result.checkpoint is None:
-        raise DataError(f"training run {name} produced no checkpoint")
     with result.checkpoint.as_directory() as folder:
         history = read_metrics(folder)["history"]
     with best.as_directory() as folder:
@@ -257,13 +238,51 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         storage.upload_dir(os.path.join(folder, ENCODER_DIR), storage.join(cfg.output, ENCODER_DIR))
     if metrics["epoch"] == 0:
         log.warning("fine-tuning did not beat the untuned encoder on %s; keeping the untuned encoder", METRIC)
-    manifest = {"encoder": ENCODER_DIR, "base_model": cfg.model, "run": name, "storage_path": storage_path,
-                "best_epoch": metrics["epoch"], "metrics": metrics, "history": history, "use_gpu": use_gpu,
+    manifest = {"encoder": ENCODER_DIR, "base_model": cfg.model, "run": name, "storage_path": run.storage_path,
+                "best_epoch": metrics["epoch"], "metrics": metrics, "history": history, "use_gpu": run.use_gpu,
                 "last_checkpoint": result.checkpoint.path,
                 "num_workers": cfg.num_workers, "seconds": round(time.perf_counter() - started, 1),
                 "profile": ProfileParams().to_dict()}
     storage.write_json(manifest, storage.join(cfg.output, "manifest.json"))
     return manifest
+
+
+@dataclasses.dataclass
+class RayTrainRun:
+    """A finished Ray Train run: its result (with at least one checkpoint) and how it ran."""
+
+    result: Any
+    name: str
+    storage_path: str
+    use_gpu: bool
+
+
+def fit_on_ray_train(loop: Any, cfg: Any, ignored: Sequence[str], checkpoints: Any) -> RayTrainRun:
+    """Run the worker function `loop` on a TorchTrainer for a job config with num_workers, use_gpu,
+    storage_path, run_name and ray fields (gloo on CPU, NCCL on GPU). The run is named by a
+    fingerprint of the settings except those and `ignored`, so the same settings resume it."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from profilerec.cluster import cluster_gpus, init_ray
+
+    init_ray(cfg.ray)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() > 0
+    storage_path = storage.absolute(cfg.storage_path) or default_storage(cfg.output)
+    ignored = ("ray", "storage_path", "run_name", "num_workers", "use_gpu", *ignored)
+    name = f"{cfg.run_name}-{fingerprint(cfg, ignored)}"
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"cfg": to_dict(cfg)},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage_path, checkpoint_config=checkpoints),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise DataError(f"training run {name} produced no checkpoint")
+    return RayTrainRun(result, name, storage_path, use_gpu)
 
 
 def _absolute_model(model: str) -> str:
