@@ -24,6 +24,7 @@ import pyarrow as pa
 from fastapi import FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+import ray
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
@@ -34,6 +35,7 @@ from profilerec.catalog import ITEMS_LOG, TEXTS_LOG
 from profilerec.encoder import text_hash
 from profilerec.errors import ShardRetired, ValidationError
 from profilerec.schema import EVENT_TYPES, ITEMS_SCHEMA, MAX_ID_CHARS, MAX_TEXT_CHARS, item_text, validate_event
+from profilerec.read_channel import ChannelClosed, ReadClient
 from profilerec.shard_actors import open_shards, serving_logs
 from profilerec.shard import pseudonym, shard_of
 
@@ -250,6 +252,7 @@ class Ingress:
         self.learned = serving_logs(self.cfg)
         self._catch_up()
         self.token = api_token(self.cfg)
+        self.readers: dict[int, Optional[ReadClient]] = {}  # shard -> its read socket (None: another node)
         log.info("ingress ready: %d shards, %d items", len(self.shards), len(self.known_items))
 
     def _catch_up(self) -> None:
@@ -272,6 +275,24 @@ class Ingress:
         vectors = await asyncio.gather(*(self.encoder.encode.remote(t) for t in new.values()))
         self.learned[TEXTS_LOG].append(pa.table({"text_hash": list(new)}), np.asarray(vectors, dtype=np.float32))
         self.known_texts.update(new)
+
+    async def _read(self, op: str, user_id: str, **options: Any) -> Any:
+        """`op(user_id, **options)` on the user's shard: through its read socket when it runs on this node
+        (read_channel.py), else, or when the socket is gone, through Ray (which waits for a
+        restarting shard; the socket is looked up again on the next read)."""
+        shard = shard_of(user_id, self.cfg.num_shards)
+        if shard not in self.readers:
+            address = await self.shards[shard].read_address.remote()
+            local = address["node_id"] == ray.get_runtime_context().get_node_id()
+            self.readers[shard] = ReadClient(address["path"]) if local else None
+        reader = self.readers[shard]
+        if reader is not None:
+            try:
+                return await reader.call(op, user_id=user_id, **options)
+            except ChannelClosed as closed:
+                log.info("read socket of shard %d closed (%s): reading through Ray", shard, closed)
+                del self.readers[shard]
+        return await getattr(self.shards[shard], op).remote(user_id=user_id, **options)
 
     def _require_token(self, authorization: Optional[str]) -> None:
         if not authorization or not authorization.startswith("Bearer "):
@@ -333,15 +354,15 @@ class Ingress:
                               category: Optional[str] = Query(None, max_length=200)):
         """The top-k items for the user (popular items for a user with no events yet)."""
         started = time.perf_counter()
-        shard = self.shards[shard_of(user_id, self.cfg.num_shards)]
-        answer = await shard.recommend.remote(user_id, k, exclude_seen, brand, category)
+        answer = await self._read("recommend", user_id, k=k, exclude_seen=exclude_seen, brand=brand,
+                                  category=category)
         _metrics().recommend_seconds.observe(time.perf_counter() - started)
         return answer
 
     @api.get("/v1/users/{user_id}/profile")
     async def profile(self, user_id: str = USER_ID):
         """What the profile holds: interests, recent events, and why the top items are chosen."""
-        described = await self.shards[shard_of(user_id, self.cfg.num_shards)].describe.remote(user_id)
+        described = await self._read("describe", user_id)
         if described is None:
             raise HTTPException(404, f"no profile for user {user_id!r}: it has no events")
         return described

@@ -18,6 +18,7 @@ Two changes are handled when an ingress replica starts (`open_shards`):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -29,6 +30,7 @@ from profilerec.catalog import ITEMS_LOG, TEXTS_LOG, VectorLog
 from profilerec.config import ServeConfig, from_dict, to_dict
 from profilerec.encoder import text_hash
 from profilerec.errors import ShardRetired, ValidationError
+from profilerec.read_channel import serve_reads, socket_path
 from profilerec.recommend import Recommender, load_profile_params, load_recommender
 from profilerec.schema import Event
 from profilerec.shard import ProfileShard, layout_root, repartition
@@ -72,9 +74,12 @@ def apply_learned(recommender: Recommender, logs: dict[str, VectorLog]) -> int:
 
 
 class ShardActor:
-    """A ProfileShard inside a Ray actor (wrapped with ray.remote by the service)."""
+    """A ProfileShard inside a Ray actor (wrapped with ray.remote by the service).
 
-    def __init__(self, shard: int, config: dict[str, Any]):
+    An asyncio actor whose methods never await: each runs whole, one after the other, and the
+    read socket (read_address) is served on the same event loop between them."""
+
+    def __init__(self, shard: int, config: dict[str, Any], name: str):
         from profilerec.telemetry import ShardMetrics
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -87,8 +92,10 @@ class ShardActor:
         self.shard = ProfileShard(shard, recommender, store, snapshot_every=self.cfg.snapshot_every)
         self.metrics = ShardMetrics(shard)
         self.retired = False
+        self.name = name
+        self.reads: Optional[asyncio.Future] = None  # the read socket's server, from the first read_address
 
-    def apply(self, events: Sequence[Event]) -> dict[str, int]:
+    async def apply(self, events: Sequence[Event]) -> dict[str, int]:
         if self.retired:
             raise ShardRetired(f"profile shard {self.shard.shard} of {self.cfg.num_shards} is retired: "
                                "the service is re-partitioning its users; retry the request")
@@ -96,7 +103,7 @@ class ShardActor:
         index, texts = self.shard.recommender.index, self.shard.recommender.text_vectors
         if any((e.item_id is not None and e.item_id not in index) or (e.text and text_hash(e.text) not in texts)
                for e in events):
-            self.sync_learned()  # items or texts learned through another ingress replica a moment ago
+            self._sync_learned()  # items or texts learned through another ingress replica a moment ago
             unknown = next((e.item_id for e in events if e.item_id is not None and e.item_id not in index), None)
             if unknown is not None:
                 raise ValidationError("item_id", f"unknown item {unknown!r}")
@@ -104,37 +111,50 @@ class ShardActor:
         self.metrics.batch_applied(result, time.perf_counter() - started, len(self.shard.users))
         return result
 
-    def recommend(self, user_id: str, k: int, exclude_seen: bool, brand: Optional[str],
+    async def recommend(self, user_id: str, k: int, exclude_seen: bool, brand: Optional[str],
                   category: Optional[str]) -> dict[str, Any]:
         return self.shard.recommend(user_id, k, exclude_seen, brand, category)
 
-    def describe(self, user_id: str) -> Optional[dict[str, Any]]:
+    async def describe(self, user_id: str) -> Optional[dict[str, Any]]:
         return self.shard.describe(user_id)
 
-    def state_table(self):
+    async def state_table(self):
         return self.shard.snapshot_table()
 
-    def forget(self, user_id: str) -> bool:
+    async def forget(self, user_id: str) -> bool:
         return self.shard.forget(user_id)
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
         return self.shard.stats()
 
-    def sync_learned(self) -> int:
+    async def sync_learned(self) -> int:
         """Apply the items and texts learned since the last call; returns how many."""
+        return self._sync_learned()
+
+    def _sync_learned(self) -> int:
         return apply_learned(self.shard.recommender, self.learned)
 
-    def settings(self) -> dict[str, Any]:
+    async def read_address(self) -> dict[str, str]:
+        """Where this actor answers reads without a Ray call (read_channel.py): its node and socket."""
+        import ray
+
+        if self.reads is None:  # a future, so that callers arriving together share one server
+            operations = {"recommend": self.shard.recommend, "describe": self.shard.describe}
+            self.reads = asyncio.ensure_future(serve_reads(socket_path(self.name), operations))
+        server = await self.reads
+        return {"node_id": ray.get_runtime_context().get_node_id(), "path": server.sockets[0].getsockname()}
+
+    async def settings(self) -> dict[str, Any]:
         """The ServeConfig this shard runs with (as a dict)."""
         return self.config
 
-    def retire(self) -> None:
+    async def retire(self) -> None:
         """Snapshot everything and refuse writes from now on (reads still work)."""
         if not self.retired:
             self.shard.snapshot()
             self.retired = True
 
-    def ping(self) -> int:
+    async def ping(self) -> int:
         return os.getpid()
 
 
@@ -242,6 +262,6 @@ def get_or_create_shards(cfg: ServeConfig, app_name: str) -> list[Any]:
                 # at-least-once retries are safe: every update is keyed by event id
                 max_task_retries=-1,
                 num_cpus=cfg.shard_num_cpus,
-            ).remote(shard, to_dict(cfg))
+            ).remote(shard, to_dict(cfg), shard_actor_name(app_name, shard, cfg.num_shards))
         )
     return handles

@@ -1,0 +1,127 @@
+"""Reads of a profile shard over a local socket: the service's fast path for recommendations.
+
+A Ray actor call costs milliseconds on a busy small machine (measured by bench/serve_bench.py,
+which prints the no-op hop beside the service), several times what scoring a profile takes.
+So each shard actor also answers reads on a Unix socket, served on the actor's own event loop
+between its Ray calls; an ingress replica on the same node sends its reads there and its
+writes through Ray. Consistency is the actor's: a read is answered after every write the actor
+finished, and a write's 2xx is only sent once the actor finished it. Writes never use the
+socket: they need Ray's retries and restarts.
+
+The protocol is one JSON line per request, `{"op": ..., "args": {...}}`, answered by one JSON
+line, `{"result": ...}` or `{"error": ...}`. Only the read operations a shard names are served;
+the socket file is readable by its owner only. A reader whose socket is gone (the actor was
+restarted, or lives on another node) reports `ChannelClosed`, and the caller goes through Ray,
+which waits for the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+MAX_LINE_BYTES = 1 << 20  # a request is a user id and a few options; an answer k <= 200 items
+
+
+class ChannelClosed(Exception):
+    """The socket is gone or broke mid-request: read through Ray instead."""
+
+
+class ReadFailed(Exception):
+    """The shard raised while answering a read (logged there with its traceback)."""
+
+
+def socket_path(name: str) -> str:
+    """Where the actor called `name` in this process listens: a private folder of the node's temp
+    dir; the pid tells incarnations apart, so a restarted actor never answers on a stale path."""
+    folder = os.path.join(tempfile.gettempdir(), f"profilerec-{os.getuid()}")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    # socket paths are limited to ~100 bytes: a hash of the name, not the name
+    tag = hashlib.blake2b(name.encode("utf-8"), digest_size=8).hexdigest()
+    return os.path.join(folder, f"{tag}-{os.getpid()}.sock")
+
+
+async def serve_reads(path: str, operations: dict[str, Callable[..., Any]]) -> asyncio.AbstractServer:
+    """Answer `operations` (name -> function of keyword args returning JSON-able data) on a Unix
+    socket at `path`, on the running event loop. Sockets of earlier incarnations are removed."""
+    prefix = os.path.basename(path).rsplit("-", 1)[0]
+    folder = os.path.dirname(path)
+    for stale in os.listdir(folder):
+        if stale.startswith(prefix + "-") and os.path.join(folder, stale) != path:
+            _remove(os.path.join(folder, stale))
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                writer.write(_answer(line, operations))
+                await writer.drain()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError) as error:
+            log.warning("read channel: dropped a connection: %s", error)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_unix_server(handle, path=path, limit=MAX_LINE_BYTES)
+    os.chmod(path, 0o600)
+    return server
+
+
+def _answer(line: bytes, operations: dict[str, Callable[..., Any]]) -> bytes:
+    try:
+        request = json.loads(line)
+        op = operations.get(request.get("op"))
+        if op is None:
+            raise ValueError(f"unknown read operation {request.get('op')!r}")
+        reply = {"result": op(**request.get("args", {}))}
+    except Exception as error:  # the reader gets the message; the traceback stays in this log
+        log.exception("read channel: %s failed", line[:200].decode("utf-8", "replace"))
+        reply = {"error": f"{type(error).__name__}: {error}"}
+    return json.dumps(reply).encode("utf-8") + b"\n"
+
+
+class ReadClient:
+    """Connections to one shard's read socket, each used by one request at a time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def call(self, op: str, **args: Any) -> Any:
+        """The result of `op(**args)` on the shard; ChannelClosed when the socket is gone."""
+        request = json.dumps({"op": op, "args": args}).encode("utf-8") + b"\n"
+        try:
+            reader, writer = self.idle.pop() if self.idle else await asyncio.open_unix_connection(
+                self.path, limit=MAX_LINE_BYTES)
+            writer.write(request)
+            await writer.drain()
+            line = await reader.readline()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as error:
+            self.close()
+            raise ChannelClosed(str(error)) from error
+        if not line:  # the shard closed the connection: it stopped
+            self.close()
+            raise ChannelClosed("the shard closed the connection")
+        self.idle.append((reader, writer))
+        reply = json.loads(line)
+        if "error" in reply:
+            raise ReadFailed(reply["error"])
+        return reply["result"]
+
+    def close(self) -> None:
+        """Close the idle connections."""
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
