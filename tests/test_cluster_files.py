@@ -66,4 +66,5 @@ def test_setup_installs_the_synced_checkout_and_every_node_uses_token_auth(clust
         assert "RAY_AUTH_MODE=token" in command
         token_path = re.search(r"RAY_AUTH_TOKEN_PATH=(\S+)", command).group(1)
         assert token_path in cluster["file_mounts"]
+        assert f"PYTHONPATH={synced[0]}" in command  # serve/config.yaml's import_path, serve.app
     assert "--dashboard-host=127.0.0.1" in head  # job API and dashboard not exposed
