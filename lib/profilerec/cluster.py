@@ -8,7 +8,7 @@ from typing import Optional
 
 import ray
 
-from profilerec.config import RayConfig
+from profilerec.config import EncodeConfig, RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,3 +33,17 @@ def init_ray(cfg: Optional[RayConfig] = None) -> None:
 def cluster_gpus() -> float:
     """How many GPUs the connected cluster has (0 on a CPU-only cluster)."""
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def encoder_actor_resources(cfg: EncodeConfig, use_gpu: bool) -> dict[str, float]:
+    """What one encoder actor of the encode job asks Ray for: `num_cpus_per_actor` CPUs and
+    `num_gpus_per_actor` GPUs, by default one whole GPU when the cluster has GPUs, else none.
+    ray_cluster.yaml's GPU worker type is sized against this (tests/test_cluster_files.py)."""
+    gpus = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else (1.0 if use_gpu else 0.0)
+    return {"CPU": float(cfg.num_cpus_per_actor), "GPU": float(gpus)}
+
+
+def train_worker_resources(use_gpu: bool) -> dict[str, float]:
+    """What one Ray Train worker (fine-tuning, scorer training) asks Ray for: one CPU, plus one
+    GPU when the job uses GPUs (DDP with NCCL: one process per GPU)."""
+    return {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}

@@ -82,10 +82,12 @@ def encode_to_parquet(table: pa.Table, location: str, cfg: EncodeConfig, use_gpu
     """
     import ray
 
+    from profilerec.cluster import encoder_actor_resources
+
     key = table.column_names[0]
     if not sys.stdout.isatty():  # logged progress: one summary line per interval, not one per operator
         ray.data.DataContext.get_current().enable_operator_progress_bars = False
-    gpus = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else (1.0 if use_gpu else 0.0)
+    gpus = encoder_actor_resources(cfg, use_gpu)["GPU"]
     threads = None if gpus else max(1, round(cfg.num_cpus_per_actor))
     started = time.perf_counter()
     blocks = max(cfg.num_actors, table.num_rows // (cfg.batch_size * 8) or 1)

@@ -264,7 +264,7 @@ def fit_on_ray_train(loop: Any, cfg: Any, ignored: Sequence[str], checkpoints: A
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from profilerec.cluster import cluster_gpus, init_ray
+    from profilerec.cluster import cluster_gpus, init_ray, train_worker_resources
 
     init_ray(cfg.ray)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() > 0
@@ -275,7 +275,7 @@ def fit_on_ray_train(loop: Any, cfg: Any, ignored: Sequence[str], checkpoints: A
         loop,
         train_loop_config={"cfg": to_dict(cfg)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": 1}),
+                                               resources_per_worker=train_worker_resources(use_gpu)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(name=name, storage_path=storage_path, checkpoint_config=checkpoints),
     )
