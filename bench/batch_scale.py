@@ -1,0 +1,187 @@
+"""Scale of the batch jobs: wall time and peak memory of the profile-building and evaluation jobs
+on a generated log of N users x 10 events, and how both grow with N.
+
+    flock /tmp/cpu.lock python bench/batch_scale.py --users 100000 300000 1000000
+
+For each N a prepared folder is generated once (cached under --work): a catalogue of --items
+items with random unit embeddings (written where the encode job writes them), brands and
+categories, and N users with 10 events each (view/click/cart/purchase, item popularity skewed
+like real logs, half of each user's items near an item of their own taste, minutes to days
+apart), split by the library's leave-last-positive-out protocol. Then the library functions of
+jobs/profiles.py (batch_profiles.run_profiles) and jobs/evaluate.py (evaluation.run_evaluate,
+test split, with the popularity baseline) run on it, each in a fresh child process: both jobs run
+in-process, without Ray, so the peak RSS of that one process (its ru_maxrss from wait4) is the
+whole job's peak memory. Growth ratios are printed against the smallest N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+EVENTS_PER_USER = 10
+TYPES = np.array(["view", "click", "cart", "purchase"])
+TYPE_P = [0.55, 0.25, 0.1, 0.1]
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.node()}: {len(os.sched_getaffinity(0))} cores ({cpu or platform.machine()}), {mem:.0f} GiB, no GPU"
+
+
+def generate(folder: str, users: int, items: int, dim: int, seed: int = 0) -> dict:
+    """Write a prepared log of `users` x 10 events and the item embeddings under `folder`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from profilerec import storage
+    from profilerec.datasets import write_prepared
+    from profilerec.datasets.common import PreparedData
+    from profilerec.datasets.protocol import leave_last_positive_out, positive_mask
+    from profilerec.embeddings import vectors_to_arrow
+    from profilerec.schema import EVENTS_SCHEMA, InvalidRows
+
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    item_ids = pc.binary_join_element_wise("I", pc.utf8_lpad(pa.array(np.arange(items)).cast(pa.string()), 7, "0"), "")
+    catalogue = pa.table({
+        "item_id": item_ids,
+        "title": pc.binary_join_element_wise("Industrial part ", pa.array(np.arange(items)).cast(pa.string()), ""),
+        "description": pa.nulls(items, pa.string()),
+        "brand": pa.array([f"brand-{n % 700}" for n in range(items)]),
+        "categories": pa.array([[f"cat-{n % 40}", f"sub-{n % 311}"] for n in range(items)]),
+        "extra": pa.nulls(items, pa.string()),
+    })
+    vectors = rng.normal(size=(items, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    storage.write_table(pa.table({"item_id": item_ids, "vector": vectors_to_arrow(vectors)}),
+                        storage.join(folder, "embeddings", "items", "part-0.parquet"))
+
+    n = users * EVENTS_PER_USER
+    user = np.repeat(np.arange(users), EVENTS_PER_USER)
+    # popularity: a Zipf-like head over a random permutation of the catalogue; taste: items near
+    # the user's own anchor item (neighbouring ids share brand and category cycles less than
+    # vectors, but the point is realistic repetition and transitions, not realistic semantics)
+    weights = 1.0 / (np.arange(items) + 10.0) ** 1.1
+    popular = rng.permutation(items)[rng.choice(items, size=n, p=weights / weights.sum())]
+    anchor = np.repeat(rng.integers(0, items, size=users), EVENTS_PER_USER)
+    near = (anchor + rng.integers(-50, 51, size=n)) % items
+    item = np.where(rng.random(n) < 0.5, popular, near)
+    start = np.repeat(1.7e9 + rng.uniform(0, 90 * 86400, size=users), EVENTS_PER_USER)
+    gaps = rng.exponential(6 * 3600, size=(users, EVENTS_PER_USER)).cumsum(axis=1).ravel()
+    user_ids = pc.binary_join_element_wise("U", pc.utf8_lpad(pa.array(user).cast(pa.string()), 8, "0"), "")
+    events = pa.table({
+        "event_id": pc.binary_join_element_wise("e", pa.array(np.arange(n)).cast(pa.string()), ""),
+        "user_id": user_ids,
+        "item_id": item_ids.take(pa.array(item)),
+        "type": pa.array(TYPES[rng.choice(len(TYPES), size=n, p=TYPE_P)]),
+        "ts": pa.array(((start + gaps) * 1000).astype(np.int64)).cast(pa.timestamp("ms", tz="UTC")),
+        "text": pa.nulls(n, pa.string()),
+        "value": pa.nulls(n, pa.float64()),
+        "context": pa.nulls(n, pa.string()),
+    }, schema=EVENTS_SCHEMA)
+    cases = leave_last_positive_out(events, positive_mask(events, 4.0))
+    data = PreparedData(events, catalogue, cases, None, InvalidRows(), ["generated by bench/batch_scale.py"],
+                        "generated", f"batch_scale users={users} items={items} seed={seed}")
+    write_prepared(data, storage.join(folder, "prepared"))
+    return {"events": n, "cases": cases.num_rows, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def child(job: str, folder: str) -> None:
+    """Run one job on a generated folder and print its summary as JSON (the child process)."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    started = time.perf_counter()
+    if job == "generate":
+        args = json.loads(os.environ["BATCH_SCALE_GENERATE"])
+        summary = generate(folder, **args)
+    elif job == "profiles":
+        from profilerec.batch_profiles import run_profiles
+        from profilerec.config import ProfilesConfig
+
+        summary = run_profiles(ProfilesConfig(input=f"{folder}/prepared", embeddings=f"{folder}/embeddings",
+                                              model=f"{folder}/no-model", output=f"{folder}/profiles"))
+    else:
+        from profilerec.config import EvaluateConfig
+        from profilerec.evaluation import run_evaluate
+
+        report = run_evaluate(EvaluateConfig(input=f"{folder}/prepared", embeddings=f"{folder}/embeddings",
+                                             model=f"{folder}/no-model", output=f"{folder}/report"))
+        summary = {"cases": report["cases"], "items": report["items"], "NDCG@10": report["methods"]["profilerec"]["NDCG@10"]}
+    summary["wall_s"] = round(time.perf_counter() - started, 1)
+    print("RESULT " + json.dumps(summary, default=str), flush=True)
+
+
+def run_child(job: str, folder: str, env: dict | None = None) -> dict:
+    """Run `job` in a fresh interpreter; its result plus its peak RSS (wait4's ru_maxrss)."""
+    proc = subprocess.Popen([sys.executable, __file__, "--child", job, "--work", folder],
+                            stdout=subprocess.PIPE, env={**os.environ, **(env or {})}, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{job} on {folder} failed (exit {proc.returncode}):\n{out}")
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    result["peak_rss_mib"] = round(usage.ru_maxrss / 1024)  # Linux: kilobytes
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
+    parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--jobs", nargs="+", default=["profiles", "evaluate"], choices=["profiles", "evaluate"])
+    parser.add_argument("--work", default="/tmp/profilerec-batch-scale", help="generated logs are cached here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.work)
+        return
+
+    print(f"machine: {machine()}")
+    print(f"log: N users x {EVENTS_PER_USER} events, {args.items:,} items with {args.dim}-dim embeddings; "
+          f"each job in its own process (no Ray: both jobs run in-process), peak RSS = that process's maxrss")
+    rows: dict[int, dict[str, dict]] = {}
+    for users in args.users:
+        folder = os.path.join(args.work, f"u{users}-i{args.items}-d{args.dim}")
+        if not os.path.exists(os.path.join(folder, "prepared", "manifest.json")):
+            gen = run_child("generate", folder, {"BATCH_SCALE_GENERATE": json.dumps(
+                {"users": users, "items": args.items, "dim": args.dim})})
+            print(f"  generated {users:,} users: {gen['events']:,} events, {gen['cases']:,} cases in "
+                  f"{gen['seconds']} s -> {folder}", flush=True)
+        rows[users] = {}
+        for job in args.jobs:
+            result = run_child(job, folder)
+            rows[users][job] = result
+            extra = {k: v for k, v in result.items() if k not in ("wall_s", "peak_rss_mib", "output", "seconds")}
+            print(f"  {users:>9,} users  {job:<9} wall {result['wall_s']:8.1f} s   peak RSS {result['peak_rss_mib']:7,} MiB"
+                  f"   {extra}", flush=True)
+    base = min(rows)
+    if len(rows) > 1:
+        print(f"\ngrowth against {base:,} users (linear = the user ratio):")
+        for users in sorted(rows):
+            if users == base:
+                continue
+            parts = [f"{job}: time x{rows[users][job]['wall_s'] / rows[base][job]['wall_s']:.2f}, "
+                     f"peak RSS x{rows[users][job]['peak_rss_mib'] / rows[base][job]['peak_rss_mib']:.2f}"
+                     for job in args.jobs]
+            print(f"  {users:>9,} users (x{users / base:.0f}): " + "; ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
