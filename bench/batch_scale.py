@@ -9,9 +9,11 @@ categories, and N users with 10 events each (view/click/cart/purchase, item popu
 like real logs, half of each user's items near an item of their own taste, minutes to days
 apart), split by the library's leave-last-positive-out protocol. Then the library functions of
 jobs/profiles.py (batch_profiles.run_profiles) and jobs/evaluate.py (evaluation.run_evaluate,
-test split, with the popularity baseline) run on it, each in a fresh child process: both jobs run
-in-process, without Ray, so the peak RSS of that one process (its ru_maxrss from wait4) is the
-whole job's peak memory. Growth ratios are printed against the smallest N.
+test split, with the popularity baseline) run on it, each in a fresh child process. Neither job
+uses Ray: each streams the log in chunks of whole users and spreads the chunks over local worker
+processes (--workers; default one per core), so the peak memory reported is the RSS of the job's
+whole process tree (job + workers, summed, sampled every 0.1 s). Growth ratios are printed
+against the smallest N; every result is also appended to <work>/results.jsonl.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -100,7 +103,7 @@ def generate(folder: str, users: int, items: int, dim: int, seed: int = 0) -> di
     return {"events": n, "cases": cases.num_rows, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def child(job: str, folder: str) -> None:
+def child(job: str, folder: str, workers: int | None) -> None:
     """Run one job on a generated folder and print its summary as JSON (the child process)."""
     import logging
 
@@ -114,29 +117,68 @@ def child(job: str, folder: str) -> None:
         from profilerec.config import ProfilesConfig
 
         summary = run_profiles(ProfilesConfig(input=f"{folder}/prepared", embeddings=f"{folder}/embeddings",
-                                              model=f"{folder}/no-model", output=f"{folder}/profiles"))
+                                              model=f"{folder}/no-model", output=f"{folder}/profiles",
+                                              workers=workers))
     else:
         from profilerec.config import EvaluateConfig
         from profilerec.evaluation import run_evaluate
 
         report = run_evaluate(EvaluateConfig(input=f"{folder}/prepared", embeddings=f"{folder}/embeddings",
-                                             model=f"{folder}/no-model", output=f"{folder}/report"))
+                                             model=f"{folder}/no-model", output=f"{folder}/report",
+                                             workers=workers))
         summary = {"cases": report["cases"], "items": report["items"], "NDCG@10": report["methods"]["profilerec"]["NDCG@10"]}
     summary["wall_s"] = round(time.perf_counter() - started, 1)
     print("RESULT " + json.dumps(summary, default=str), flush=True)
 
 
-def run_child(job: str, folder: str, env: dict | None = None) -> dict:
-    """Run `job` in a fresh interpreter; its result plus its peak RSS (wait4's ru_maxrss)."""
-    proc = subprocess.Popen([sys.executable, __file__, "--child", job, "--work", folder],
-                            stdout=subprocess.PIPE, env={**os.environ, **(env or {})}, text=True)
+def tree_rss(pid: int) -> int:
+    """Resident bytes of process `pid` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+        except OSError:
+            pass
+    return total
+
+
+def run_child(job: str, folder: str, env: dict | None = None, workers: int | None = None) -> dict:
+    """Run `job` in a fresh interpreter; its result plus the peak RSS of its process tree (the
+    job and any worker processes it starts, summed, sampled every 0.1 s) and of the job process
+    alone (wait4's ru_maxrss, exact)."""
+    cmd = [sys.executable, __file__, "--child", job, "--work", folder] + (["--workers", str(workers)] if workers else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, **(env or {})}, text=True)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            peak[0] = max(peak[0], tree_rss(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     out = proc.stdout.read()
+    done.set()
+    sampler.join()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{job} on {folder} failed (exit {proc.returncode}):\n{out}")
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
-    result["peak_rss_mib"] = round(usage.ru_maxrss / 1024)  # Linux: kilobytes
+    result["peak_rss_mib"] = round(max(peak[0], usage.ru_maxrss * 1024) / 2**20)
+    result["job_process_rss_mib"] = round(usage.ru_maxrss / 1024)  # Linux: kilobytes
     return result
 
 
@@ -147,15 +189,17 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--jobs", nargs="+", default=["profiles", "evaluate"], choices=["profiles", "evaluate"])
     parser.add_argument("--work", default="/tmp/profilerec-batch-scale", help="generated logs are cached here")
+    parser.add_argument("--workers", type=int, help="processes per job (default: the jobs' default, one per core)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.work)
+        child(args.child, args.work, args.workers)
         return
 
     print(f"machine: {machine()}")
     print(f"log: N users x {EVENTS_PER_USER} events, {args.items:,} items with {args.dim}-dim embeddings; "
-          f"each job in its own process (no Ray: both jobs run in-process), peak RSS = that process's maxrss")
+          f"each job in its own process (no Ray: both jobs run in-process, chunks of the log spread over "
+          f"local worker processes), peak RSS = the job's process tree, summed")
     rows: dict[int, dict[str, dict]] = {}
     for users in args.users:
         folder = os.path.join(args.work, f"u{users}-i{args.items}-d{args.dim}")
@@ -166,22 +210,34 @@ def main() -> None:
                   f"{gen['seconds']} s -> {folder}", flush=True)
         rows[users] = {}
         for job in args.jobs:
-            result = run_child(job, folder)
+            result = run_child(job, folder, workers=args.workers)
             rows[users][job] = result
             extra = {k: v for k, v in result.items() if k not in ("wall_s", "peak_rss_mib", "output", "seconds")}
+            with open(os.path.join(args.work, "results.jsonl"), "a") as f:
+                f.write(json.dumps({"users": users, "items": args.items, "dim": args.dim, "job": job,
+                                    "workers": args.workers, "machine": machine(), **result}) + "\n")
             print(f"  {users:>9,} users  {job:<9} wall {result['wall_s']:8.1f} s   peak RSS {result['peak_rss_mib']:7,} MiB"
                   f"   {extra}", flush=True)
-    base = min(rows)
-    if len(rows) > 1:
-        print(f"\ngrowth against {base:,} users (linear = the user ratio):")
-        for users in sorted(rows):
-            if users == base:
-                continue
-            parts = [f"{job}: time x{rows[users][job]['wall_s'] / rows[base][job]['wall_s']:.2f}, "
-                     f"peak RSS x{rows[users][job]['peak_rss_mib'] / rows[base][job]['peak_rss_mib']:.2f}"
-                     for job in args.jobs]
-            print(f"  {users:>9,} users (x{users / base:.0f}): " + "; ".join(parts))
-
+    # growth over every size measured so far with these settings on this machine (this run and
+    # earlier runs: a 1M-user run may need a lock turn of its own)
+    latest: dict[tuple[int, str], dict] = {}
+    with open(os.path.join(args.work, "results.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if (r["items"], r["dim"], r["workers"], r["machine"]) == (args.items, args.dim, args.workers, machine()):
+                latest[r["users"], r["job"]] = r
+    for job in args.jobs:
+        sizes = sorted(u for u, j in latest if j == job)
+        if len(sizes) < 2:
+            continue
+        base = latest[sizes[0], job]
+        print(f"\n{job}: growth against {sizes[0]:,} users (linear = the user ratio; "
+              f"* = measured in an earlier run of this script)")
+        for users in sizes:
+            r = latest[users, job]
+            mark = "" if users in rows and job in rows[users] else " *"
+            print(f"  {users:>9,} users (x{users / sizes[0]:>4.1f}): wall {r['wall_s']:8.1f} s (x{r['wall_s'] / base['wall_s']:.2f}), "
+                  f"peak RSS {r['peak_rss_mib']:7,} MiB (x{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}){mark}")
 
 if __name__ == "__main__":
     main()

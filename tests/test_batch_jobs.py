@@ -58,19 +58,21 @@ def test_profiles_and_evaluate_jobs_stream_to_the_whole_log_results(prepared, mo
     tmp, data = prepared
     monkeypatch.setattr(datasets, "EVENT_CHUNK_ROWS", 11)
     folders = dict(input=str(tmp / "prepared"), embeddings=str(tmp / "embeddings"), model=str(tmp / "no-model"))
-    summary = run_profiles(ProfilesConfig(**folders, output=str(tmp / "profiles")))
+    # two worker processes: chunks go out and come back in order
+    summary = run_profiles(ProfilesConfig(**folders, output=str(tmp / "profiles"), workers=2))
     sequences = user_sequences(data.events)
     recommender = load_recommender(data.items, str(tmp / "embeddings"))
     expected = states_to_table([build_profile(u, seq, recommender.vector_of, recommender.params,
                                               recommender.index.meta) for u, seq in sequences.items()])
     assert summary["users"] == len(sequences) and summary["events"] == data.events.num_rows
+    assert summary["workers"] == 2
     assert storage.read_table(str(tmp / "profiles" / "states.parquet")).equals(expected)
     popularity = storage.read_table(str(tmp / "profiles" / "popularity.parquet"))
     assert pc.sum(popularity.column("count")).as_py() == data.events.num_rows  # every item is in the index
 
     from profilerec.evaluation import run_evaluate
 
-    report = run_evaluate(EvaluateConfig(**folders, output=str(tmp / "report")))
+    report = run_evaluate(EvaluateConfig(**folders, output=str(tmp / "report"), workers=2))
     cases = list(iter_cases(sequences, data.cases, ["test"], data.max_history))
     whole = split_recommender(data, sequences, str(tmp / "embeddings"), "test")
     assert report["cases"] == len(cases) > 30

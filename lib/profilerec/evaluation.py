@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,8 @@ from profilerec.embeddings import item_texts
 from profilerec.index import ItemIndex
 from profilerec.metrics import ranking_metrics, target_ranks
 from profilerec.profile import ProfileParams
-from profilerec.priors import item_priors, log_priors
+from profilerec.parallel import default_workers, map_chunks, worker_state
+from profilerec.priors import ItemPriors, item_priors, log_priors
 from profilerec.recommend import Recommender, load_profile_params, load_recommender
 from profilerec.replay import Case, case_states, hidden_event_ids, iter_cases, later_splits, target_rows, user_sequences
 
@@ -101,7 +102,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """The evaluate job: score every case of `cfg.split`, compare with baselines, write the report.
 
     The log streams through in chunks of whole users (datasets.iter_user_events): once to count
-    the item priors, once to replay the cases, so memory holds one chunk, not the whole log.
+    the item priors, once to replay the cases, chunk by chunk on `cfg.workers` processes, so
+    memory holds a few chunks, not the whole log.
     """
     from profilerec.datasets import iter_user_events, read_prepared
 
@@ -111,57 +113,83 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         split_cases = split_cases.slice(0, cfg.max_cases)
     if not split_cases.num_rows:
         raise ValueError(f"split {cfg.split!r} of {cfg.input} has no cases")
-    log.info("evaluating %d %s cases of %s", split_cases.num_rows, cfg.split, cfg.input)
+    workers = default_workers(cfg.workers)
+    log.info("evaluating %d %s cases of %s on %d process(es)", split_cases.num_rows, cfg.split, cfg.input, workers)
 
     params = load_profile_params(cfg.model)
     model = split_recommender(data, None, cfg.embeddings, cfg.split, cfg.model, params, prepared=cfg.input)
-    methods: list[tuple[str, Callable[[Sequence[Case]], np.ndarray]]] = []
-    if cfg.baselines:
-        methods.append(("popularity", lambda c: popularity_ranks(model, c)))
-        if cfg.baseline_embeddings and storage.exists(storage.join(cfg.baseline_embeddings, "items")):
-            base = split_recommender(data, None, cfg.baseline_embeddings, cfg.split, None, params, prepared=cfg.input)
-            methods.append(("zero-shot profile, base encoder", lambda c: case_ranks(base, c)))
-        if model.scorer is not None:
-            plain = replace(model, scorer=None)  # same index, vectors and priors
-            methods.append(("zero-shot profile", lambda c: case_ranks(plain, c)))
-    methods.append((cfg.method_name, lambda c: case_ranks(model, c)))
+    base_priors = None
+    if cfg.baselines and cfg.baseline_embeddings and storage.exists(storage.join(cfg.baseline_embeddings, "items")):
+        base_priors = split_recommender(data, None, cfg.baseline_embeddings, cfg.split, None, params,
+                                        prepared=cfg.input).priors
 
-    ranks: dict[str, list[np.ndarray]] = {name: [] for name, _ in methods}
-    seconds = dict.fromkeys(ranks, 0.0)
-    # the cases are in log order, so each chunk of whole users owns the next run of cases
-    case_users = split_cases.column("user_id").to_numpy(zero_copy_only=False)
-    done = 0
-    for chunk in iter_user_events(cfg.input):
-        end = int(np.searchsorted(case_users, chunk.column("user_id")[-1].as_py(), side="right"))
-        if end == done:
-            continue
-        cases = list(iter_cases(user_sequences(chunk), split_cases.slice(done, end - done), [cfg.split],
-                                data.max_history))
-        done = end
-        for name, ranking in methods:
-            started = time.perf_counter()
-            ranks[name].append(ranking(cases))
-            seconds[name] += time.perf_counter() - started
-        if done == len(case_users):
-            break
-    if done < len(case_users):
-        raise ValueError(f"{len(case_users) - done} {cfg.split} cases of {cfg.input} belong to users with no events "
-                         f"(or the log is not sorted by user): prepare the data again")
+    def chunk_cases() -> Iterator[tuple[pa.Table, pa.Table]]:
+        # the cases are in log order, so each chunk of whole users owns the next run of cases
+        case_users = split_cases.column("user_id").to_numpy(zero_copy_only=False)
+        done = 0
+        for chunk in iter_user_events(cfg.input):
+            end = int(np.searchsorted(case_users, chunk.column("user_id")[-1].as_py(), side="right"))
+            if end > done:
+                yield chunk, split_cases.slice(done, end - done)
+                done = end
+            if done == len(case_users):
+                return
+        raise ValueError(f"{len(case_users) - done} {cfg.split} cases of {cfg.input} belong to users with no "
+                         f"events (or the log is not sorted by user): prepare the data again")
+
+    ranks: dict[str, list[np.ndarray]] = {}
+    seconds: dict[str, float] = {}
+    for result in map_chunks(_chunk_ranks, chunk_cases(), workers, _load_methods,
+                             (cfg, params, data.items, data.max_history, model.priors, base_priors)):
+        for name, (part, spent) in result.items():
+            ranks.setdefault(name, []).append(part)
+            seconds[name] = seconds.get(name, 0.0) + spent
     results = []
-    for name, _ in methods:
-        results.append(MethodResult(name, ranking_metrics(np.concatenate(ranks[name]), cfg.ks), round(seconds[name], 2)))
+    for name, parts in ranks.items():
+        results.append(MethodResult(name, ranking_metrics(np.concatenate(parts), cfg.ks), round(seconds[name], 2)))
         log.info("%s: %s", name, _fmt(results[-1].metrics))
 
     report = {
         "input": cfg.input,
         "split": cfg.split,
-        "cases": done,
+        "cases": split_cases.num_rows,
         "items": len(model.index),
         "methods": {r.name: r.metrics for r in results},
         "seconds": {r.name: r.seconds for r in results},
     }
     write_report(report, cfg.output)
     return report
+
+
+def _load_methods(cfg: EvaluateConfig, params: ProfileParams, items: pa.Table, max_history: Optional[int],
+                  priors: ItemPriors, base_priors: Optional[ItemPriors]) -> None:
+    """Worker set-up of run_evaluate: the recommender of each method, with the priors counted once."""
+    model = load_recommender(items, cfg.embeddings, params, model=cfg.model)
+    model.set_priors(priors)
+    methods: list[tuple[str, Callable[[Sequence[Case]], np.ndarray]]] = []
+    if cfg.baselines:
+        methods.append(("popularity", lambda c: popularity_ranks(model, c)))
+        if base_priors is not None:
+            base = load_recommender(items, cfg.baseline_embeddings, params)
+            base.set_priors(base_priors)
+            methods.append(("zero-shot profile, base encoder", lambda c: case_ranks(base, c)))
+        if model.scorer is not None:
+            plain = replace(model, scorer=None)  # same index, vectors and priors
+            methods.append(("zero-shot profile", lambda c: case_ranks(plain, c)))
+    methods.append((cfg.method_name, lambda c: case_ranks(model, c)))
+    worker_state().update(methods=methods, split=cfg.split, max_history=max_history)
+
+
+def _chunk_ranks(work: tuple[pa.Table, pa.Table]) -> dict[str, tuple[np.ndarray, float]]:
+    """Ranks (and seconds spent) of every method on the cases of one chunk of whole users."""
+    events, cases_table = work
+    state = worker_state()
+    cases = list(iter_cases(user_sequences(events), cases_table, [state["split"]], state["max_history"]))
+    out = {}
+    for name, ranking in state["methods"]:
+        started = time.perf_counter()
+        out[name] = (ranking(cases), time.perf_counter() - started)
+    return out
 
 
 def write_report(report: dict[str, Any], output: str) -> None:
