@@ -8,6 +8,7 @@ bounded memory (at most `2 x workers` chunks are in flight).
 from __future__ import annotations
 
 import collections
+import contextlib
 import concurrent.futures
 import itertools
 import multiprocessing
@@ -27,9 +28,9 @@ def default_workers(workers: Optional[int]) -> int:
 
 def map_chunks(fn: Callable[[T], R], chunks: Iterable[T], workers: int,
                initializer: Optional[Callable[..., None]] = None, initargs: tuple = ()) -> Iterator[R]:
-    """fn(chunk) for each chunk, in order. `workers` <= 1 (or a single chunk) runs in this process; otherwise each of
-    `workers` fresh processes (spawned: no state forked from the caller) runs `initializer(*initargs)`
-    once and then `fn` on the chunks it is sent. `fn` and `initializer` must be module-level
+    """fn(chunk) for each chunk, in order. `workers` <= 1 (or a single chunk) runs in this process;
+    otherwise each of `workers` fresh processes (spawned: no state forked from the caller, one
+    torch/BLAS thread each) runs `initializer(*initargs)` once and then `fn` on the chunks it is sent. `fn` and `initializer` must be module-level
     functions; chunks and results travel pickled."""
     chunks = iter(chunks)
     head = list(itertools.islice(chunks, 2))
@@ -40,8 +41,8 @@ def map_chunks(fn: Callable[[T], R], chunks: Iterable[T], workers: int,
         yield from map(fn, itertools.chain(head, chunks))
         return
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init,
-                                                initargs=(initializer, initargs)) as pool:
+    with _one_thread_each(), concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init,
+                                                                    initargs=(initializer, initargs)) as pool:
         pending: collections.deque = collections.deque()
         for chunk in itertools.chain(head, chunks):
             pending.append(pool.submit(fn, chunk))
@@ -49,6 +50,23 @@ def map_chunks(fn: Callable[[T], R], chunks: Iterable[T], workers: int,
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+@contextlib.contextmanager
+def _one_thread_each() -> Iterator[None]:
+    # the processes share the cores: BLAS thread pools of their own (read from the environment
+    # when a spawned worker imports numpy) would only fight over them
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(dict.fromkeys(names, "1"))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _init(initializer: Optional[Callable[..., None]], initargs: tuple) -> None:
