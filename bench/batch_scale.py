@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--jobs", nargs="+", default=["profiles", "evaluate"], choices=["profiles", "evaluate"])
     parser.add_argument("--work", default="/tmp/profilerec-batch-scale", help="generated logs are cached here")
     parser.add_argument("--workers", type=int, help="processes per job (default: the jobs' default, one per core)")
+    parser.add_argument("--growth", action="store_true", help="run nothing: the growth table of the results so far")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -201,7 +202,7 @@ def main() -> None:
           f"each job in its own process (no Ray: both jobs run in-process, chunks of the log spread over "
           f"local worker processes), peak RSS = the job's process tree, summed")
     rows: dict[int, dict[str, dict]] = {}
-    for users in args.users:
+    for users in [] if args.growth else args.users:
         folder = os.path.join(args.work, f"u{users}-i{args.items}-d{args.dim}")
         if not os.path.exists(os.path.join(folder, "prepared", "manifest.json")):
             gen = run_child("generate", folder, {"BATCH_SCALE_GENERATE": json.dumps(
@@ -214,8 +215,8 @@ def main() -> None:
             rows[users][job] = result
             extra = {k: v for k, v in result.items() if k not in ("wall_s", "peak_rss_mib", "output", "seconds")}
             with open(os.path.join(args.work, "results.jsonl"), "a") as f:
-                f.write(json.dumps({"users": users, "items": args.items, "dim": args.dim, "job": job,
-                                    "workers": args.workers, "machine": machine(), **result}) + "\n")
+                f.write(json.dumps({**result, "users": users, "items": args.items, "dim": args.dim, "job": job,
+                                    "workers_setting": args.workers, "machine": machine()}) + "\n")
             print(f"  {users:>9,} users  {job:<9} wall {result['wall_s']:8.1f} s   peak RSS {result['peak_rss_mib']:7,} MiB"
                   f"   {extra}", flush=True)
     # growth over every size measured so far with these settings on this machine (this run and
@@ -224,7 +225,7 @@ def main() -> None:
     with open(os.path.join(args.work, "results.jsonl")) as f:
         for line in f:
             r = json.loads(line)
-            if (r["items"], r["dim"], r["workers"], r["machine"]) == (args.items, args.dim, args.workers, machine()):
+            if (r["items"], r["dim"], r["workers_setting"], r["machine"]) == (args.items, args.dim, args.workers, machine()):
                 latest[r["users"], r["job"]] = r
     for job in args.jobs:
         sizes = sorted(u for u, j in latest if j == job)
