@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 from profilerec.config import FinetuneConfig
@@ -9,7 +10,7 @@ from profilerec.datasets import read_prepared
 from profilerec.encoder import TextEncoder
 from profilerec.profile import ProfileParams
 from profilerec.replay import iter_cases, user_sequences
-from profilerec.training import _item_texts, case_loss, run_finetune
+from profilerec.training import _item_texts, case_loss, epoch_batches, prefetch, run_finetune
 
 
 def training_loss(model: str, cases, texts) -> float:
@@ -33,8 +34,31 @@ def test_one_epoch_lowers_the_loss_and_a_longer_run_resumes(tiny_work, tmp_path,
     assert after < before, (before, after)
     assert [h["epoch"] for h in manifest["history"]] == [0, 1]  # epoch 0: the untuned encoder
     first = manifest["history"][1]
+    # the job times its own steady-state steps (the first step is warm-up)
+    assert first["steady_steps"] == first["steps"] - 1 > 0 and first["samples_per_s"] > 0
 
     resumed = run_finetune(FinetuneConfig(**{**cfg.__dict__, "epochs": 2}))
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
     assert resumed["history"][1] == first  # epoch 1 came from the checkpoint, not trained again
     assert resumed["run"] == manifest["run"]
+
+
+def test_prefetch_keeps_the_order_and_raises_the_producers_error():
+    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("bad batch")
+
+    with pytest.raises(ValueError, match="bad batch"):
+        list(prefetch(failing()))
+
+
+def test_epoch_batches_deal_each_case_to_one_worker_per_epoch():
+    cfg = FinetuneConfig(batch_size=4, seed=3)
+    for n, world in ((21, 2), (9, 2), (10, 3)):
+        ranks = [epoch_batches(n, cfg, 0, rank, world) for rank in range(world)]
+        assert len({len(batches) for batches in ranks}) == 1  # DDP: every worker steps equally often
+        dealt = [row for batches in ranks for batch in batches for row in batch]
+        assert set(dealt) == set(range(n)) and len(dealt) < n + world  # at most a padding case per worker
+    assert epoch_batches(21, cfg, 1) != epoch_batches(21, cfg, 0)  # reshuffled every epoch

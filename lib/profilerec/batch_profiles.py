@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Iterator
+
+import pyarrow as pa
 
 from profilerec import storage
 from profilerec.config import ProfilesConfig
-from profilerec.priors import item_priors, write_priors
-from profilerec.profile import build_profile, states_to_table
+from profilerec.parallel import default_workers, map_chunks, worker_state
+from profilerec.priors import PriorCounter, table_rows, write_priors
+from profilerec.profile import ProfileParams, build_profile, states_table_schema, states_to_table
 from profilerec.recommend import load_profile_params, load_recommender
 from profilerec.replay import user_sequences
 
@@ -23,21 +26,46 @@ log = logging.getLogger(__name__)
 
 
 def run_profiles(cfg: ProfilesConfig) -> dict[str, Any]:
-    """Build all profiles from the prepared log; write states and the item priors."""
-    from profilerec.datasets import read_prepared
+    """Build all profiles from the prepared log; write states and the item priors. The log streams
+    through in chunks of whole users (datasets.iter_user_events), built on `cfg.workers` processes
+    and written chunk by chunk, so memory holds a few chunks whatever the size of the log."""
+    from profilerec.datasets import iter_user_events, read_prepared
 
     started = time.perf_counter()
-    data = read_prepared(cfg.input)
-    recommender = load_recommender(data.items, cfg.embeddings, load_profile_params(cfg.model), model=cfg.model)
-    sequences = user_sequences(data.events)
-    states = [
-        build_profile(user_id, events, recommender.vector_of, recommender.params, recommender.index.meta)
-        for user_id, events in sequences.items()
-    ]
-    storage.write_table(states_to_table(states), storage.join(cfg.output, "states.parquet"))
-    write_priors(item_priors(sequences, recommender.index, span=recommender.transition_span), recommender.index,
-                 cfg.output)
-    summary = {"users": len(states), "events": data.events.num_rows, "output": cfg.output,
+    data = read_prepared(cfg.input, events=False)
+    params = load_profile_params(cfg.model)
+    recommender = load_recommender(data.items, cfg.embeddings, params, model=cfg.model)
+    counter = PriorCounter(len(recommender.index), recommender.transition_span)
+    workers = default_workers(cfg.workers)
+    counted = {"events": 0}
+
+    def chunks() -> Iterator[pa.Table]:
+        for chunk in iter_user_events(cfg.input):
+            counter.add(*table_rows(chunk, recommender.index))  # the priors are cheap: counted here
+            counted["events"] += chunk.num_rows
+            yield chunk
+
+    users = 0
+    with storage.table_writer(storage.join(cfg.output, "states.parquet"), states_table_schema()) as writer:
+        for states in map_chunks(_chunk_states, chunks(), workers, _load_recommender, (data.items, cfg, params)):
+            writer.write_table(states)
+            users += states.num_rows
+            log.info("profiles of %d users built", users)
+    write_priors(counter.priors(), recommender.index, cfg.output)
+    events = counted["events"]
+    summary = {"users": users, "events": events, "output": cfg.output, "workers": workers,
                "seconds": round(time.perf_counter() - started, 2)}
-    log.info("built %d profiles from %d events in %.1f s", len(states), data.events.num_rows, summary["seconds"])
+    log.info("built %d profiles from %d events in %.1f s on %d process(es)", users, events, summary["seconds"], workers)
     return summary
+
+
+def _load_recommender(items: pa.Table, cfg: ProfilesConfig, params: ProfileParams) -> None:
+    worker_state()["recommender"] = load_recommender(items, cfg.embeddings, params, model=cfg.model)
+
+
+def _chunk_states(events: pa.Table) -> pa.Table:
+    """The profile states of the users of one chunk of the log (whole users)."""
+    recommender = worker_state()["recommender"]
+    return states_to_table([build_profile(user_id, seq, recommender.vector_of, recommender.params,
+                                          recommender.index.meta)
+                            for user_id, seq in user_sequences(events).items()])

@@ -102,6 +102,11 @@ class FinetuneConfig:
     eval_split: str = "valid"
     num_workers: int = 1
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
+    # torch threads per worker; None: the node's cores shared by the workers on it (Ray starts
+    # workers with OMP_NUM_THREADS=1, which would leave all but one core idle)
+    threads_per_worker: Optional[int] = None
+    # bf16 autocast (mixed precision); None: on for CUDA GPUs that support bf16, off on CPU
+    bf16: Optional[bool] = None
     seed: int = 0
     storage_path: Optional[str] = None  # Ray Train checkpoints; None = <output>/../ray_train
     run_name: str = "profilerec-finetune"
@@ -147,6 +152,7 @@ class TrainConfig:
     refit: bool = True
     num_workers: int = 1
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
+    threads_per_worker: Optional[int] = None  # None: the node's cores shared by the workers on it
     seed: int = 0
     storage_path: Optional[str] = None  # Ray Train checkpoints; None = <output>/../ray_train
     run_name: str = "profilerec-train"
@@ -178,6 +184,7 @@ class ProfilesConfig:
     embeddings: str = f"{DEFAULT_WORK_DIR}/embeddings"
     model: str = f"{DEFAULT_WORK_DIR}/model"
     output: str = f"{DEFAULT_WORK_DIR}/profiles"
+    workers: Optional[int] = None  # processes building profiles; None: one per core, 1: in this process
 
 
 @dataclass
@@ -194,6 +201,7 @@ class EvaluateConfig:
     ks: list[int] = field(default_factory=lambda: [3, 5, 10])
     max_cases: Optional[int] = None
     baselines: bool = True
+    workers: Optional[int] = None  # processes replaying cases; None: one per core, 1: in this process
 
 
 @dataclass

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from profilerec import storage
 from profilerec.config import EvaluateConfig
@@ -22,7 +23,8 @@ from profilerec.embeddings import item_texts
 from profilerec.index import ItemIndex
 from profilerec.metrics import ranking_metrics, target_ranks
 from profilerec.profile import ProfileParams
-from profilerec.priors import item_priors
+from profilerec.parallel import default_workers, map_chunks, worker_state
+from profilerec.priors import ItemPriors, item_priors, log_priors
 from profilerec.recommend import Recommender, load_profile_params, load_recommender
 from profilerec.replay import Case, case_states, hidden_event_ids, iter_cases, later_splits, target_rows, user_sequences
 
@@ -33,13 +35,14 @@ CHUNK = 1024  # cases scored at once: bounds memory to CHUNK x items floats
 
 def case_ranks(recommender: Recommender, cases: Sequence[Case]) -> np.ndarray:
     """0-based rank of each case's target among all items (items unknown to the index rank last)."""
-    states = case_states(cases, recommender.vector_of, recommender.params, recommender.index.meta)
     targets = target_rows(cases, recommender.index.row)
     ranks = np.full(len(cases), len(recommender.index), dtype=np.int64)
     for start in range(0, len(cases), CHUNK):
         part = slice(start, start + CHUNK)
+        # states a chunk at a time too: memory stays at CHUNK profiles however many cases there are
+        states = case_states(cases[part], recommender.vector_of, recommender.params, recommender.index.meta)
         known = targets[part] >= 0
-        scores = recommender.scores(states[part])
+        scores = recommender.scores(states)
         ranks[part][known] = target_ranks(scores[known], targets[part][known])
     return ranks
 
@@ -48,7 +51,9 @@ def popularity_ranks(recommender: Recommender, cases: Sequence[Case]) -> np.ndar
     """Ranks under the popularity baseline: every user gets the same, most popular first."""
     targets = target_rows(cases, recommender.index.row)
     pop = recommender.popularity_scores()
-    ranks = (pop[None, :] > pop[np.maximum(targets, 0)][:, None]).sum(axis=1)
+    # items strictly more popular than the target: a binary search in the sorted scores (not a
+    # cases x items comparison, which would take gigabytes for a million cases)
+    ranks = len(pop) - np.searchsorted(np.sort(pop), pop[np.maximum(targets, 0)], side="right")
     return np.where(targets >= 0, ranks, len(recommender.index))
 
 
@@ -61,18 +66,26 @@ def evaluate_encoder(encoder, items: pa.Table, cases: Sequence[Case], params: Pr
     return ranking_metrics(case_ranks(Recommender(index, params), cases), ks)
 
 
-def split_recommender(data, sequences: dict, embeddings: str, split: str, model: Optional[str] = None,
-                      params: Optional[ProfileParams] = None) -> Recommender:
+def split_recommender(data, sequences: Optional[dict], embeddings: str, split: str, model: Optional[str] = None,
+                      params: Optional[ProfileParams] = None, prepared: Optional[str] = None) -> Recommender:
     """A Recommender (with the scorer saved in `model`, if any) whose item priors ignore the
-    targets of `split` and later splits. A scorer trained on targets of `split` is refused."""
+    targets of `split` and later splits. A scorer trained on targets of `split` is refused.
+    The priors are counted over `sequences`, or, when `prepared` (the prepared folder of `data`)
+    is given, streamed from its events (then `sequences` may be None)."""
     recommender = load_recommender(data.items, embeddings, params, model=model)
     if recommender.scorer is not None:
         seen = set(recommender.scorer.trained_on) & set(later_splits(split))
         if seen:
             raise ConfigError(f"the scorer in {model} was trained on the targets of {sorted(seen)}: evaluating it "
                               f"on {split!r} would be meaningless (train with --refit false, or evaluate a later split)")
-    hidden = hidden_event_ids(data.cases, split)
-    recommender.set_priors(item_priors(sequences, recommender.index, hidden, recommender.transition_span))
+    if prepared is not None:
+        mask = pc.is_in(data.cases.column("split"), pa.array(later_splits(split)))
+        hidden = data.cases.filter(mask).column("target_event_id").combine_chunks()
+        priors = log_priors(prepared, recommender.index, hidden, recommender.transition_span)
+    else:
+        priors = item_priors(sequences, recommender.index, hidden_event_ids(data.cases, split),
+                             recommender.transition_span)
+    recommender.set_priors(priors)
     return recommender
 
 
@@ -86,48 +99,97 @@ class MethodResult:
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    """The evaluate job: score every case of `cfg.split`, compare with baselines, write the report."""
-    from profilerec.datasets import read_prepared
+    """The evaluate job: score every case of `cfg.split`, compare with baselines, write the report.
 
-    data = read_prepared(cfg.input)
-    sequences = user_sequences(data.events)
-    cases = list(iter_cases(sequences, data.cases, [cfg.split], data.max_history))
+    The log streams through in chunks of whole users (datasets.iter_user_events): once to count
+    the item priors, once to replay the cases, chunk by chunk on `cfg.workers` processes, so
+    memory holds a few chunks, not the whole log.
+    """
+    from profilerec.datasets import iter_user_events, read_prepared
+
+    data = read_prepared(cfg.input, events=False)
+    split_cases = data.cases.filter(pc.equal(data.cases.column("split"), cfg.split))
     if cfg.max_cases:
-        cases = cases[: cfg.max_cases]
-    if not cases:
+        split_cases = split_cases.slice(0, cfg.max_cases)
+    if not split_cases.num_rows:
         raise ValueError(f"split {cfg.split!r} of {cfg.input} has no cases")
-    log.info("evaluating %d %s cases of %s", len(cases), cfg.split, cfg.input)
-
-    results: list[MethodResult] = []
-
-    def measure(name: str, ranking) -> None:
-        started = time.perf_counter()
-        ranks = ranking()
-        results.append(MethodResult(name, ranking_metrics(ranks, cfg.ks), round(time.perf_counter() - started, 2)))
-        log.info("%s: %s", name, _fmt(results[-1].metrics))
+    workers = default_workers(cfg.workers)
+    log.info("evaluating %d %s cases of %s on %d process(es)", split_cases.num_rows, cfg.split, cfg.input, workers)
 
     params = load_profile_params(cfg.model)
-    model = split_recommender(data, sequences, cfg.embeddings, cfg.split, cfg.model, params)
-    if cfg.baselines:
-        measure("popularity", lambda: popularity_ranks(model, cases))
-        if cfg.baseline_embeddings and storage.exists(storage.join(cfg.baseline_embeddings, "items")):
-            base = split_recommender(data, sequences, cfg.baseline_embeddings, cfg.split, None, params)
-            measure("zero-shot profile, base encoder", lambda: case_ranks(base, cases))
-        if model.scorer is not None:
-            plain = replace(model, scorer=None)  # same index, vectors and priors
-            measure("zero-shot profile", lambda: case_ranks(plain, cases))
-    measure(cfg.method_name, lambda: case_ranks(model, cases))
+    model = split_recommender(data, None, cfg.embeddings, cfg.split, cfg.model, params, prepared=cfg.input)
+    base_priors = None
+    if cfg.baselines and cfg.baseline_embeddings and storage.exists(storage.join(cfg.baseline_embeddings, "items")):
+        base_priors = split_recommender(data, None, cfg.baseline_embeddings, cfg.split, None, params,
+                                        prepared=cfg.input).priors
+
+    def chunk_cases() -> Iterator[tuple[pa.Table, pa.Table]]:
+        # the cases are in log order, so each chunk of whole users owns the next run of cases
+        case_users = split_cases.column("user_id").to_numpy(zero_copy_only=False)
+        done = 0
+        for chunk in iter_user_events(cfg.input):
+            end = int(np.searchsorted(case_users, chunk.column("user_id")[-1].as_py(), side="right"))
+            if end > done:
+                yield chunk, split_cases.slice(done, end - done)
+                done = end
+            if done == len(case_users):
+                return
+        raise ValueError(f"{len(case_users) - done} {cfg.split} cases of {cfg.input} belong to users with no "
+                         f"events (or the log is not sorted by user): prepare the data again")
+
+    ranks: dict[str, list[np.ndarray]] = {}
+    seconds: dict[str, float] = {}
+    for result in map_chunks(_chunk_ranks, chunk_cases(), workers, _load_methods,
+                             (cfg, params, data.items, data.max_history, model.priors, base_priors)):
+        for name, (part, spent) in result.items():
+            ranks.setdefault(name, []).append(part)
+            seconds[name] = seconds.get(name, 0.0) + spent
+    results = []
+    for name, parts in ranks.items():
+        results.append(MethodResult(name, ranking_metrics(np.concatenate(parts), cfg.ks), round(seconds[name], 2)))
+        log.info("%s: %s", name, _fmt(results[-1].metrics))
 
     report = {
         "input": cfg.input,
         "split": cfg.split,
-        "cases": len(cases),
+        "cases": split_cases.num_rows,
         "items": len(model.index),
         "methods": {r.name: r.metrics for r in results},
         "seconds": {r.name: r.seconds for r in results},
     }
     write_report(report, cfg.output)
     return report
+
+
+def _load_methods(cfg: EvaluateConfig, params: ProfileParams, items: pa.Table, max_history: Optional[int],
+                  priors: ItemPriors, base_priors: Optional[ItemPriors]) -> None:
+    """Worker set-up of run_evaluate: the recommender of each method, with the priors counted once."""
+    model = load_recommender(items, cfg.embeddings, params, model=cfg.model)
+    model.set_priors(priors)
+    methods: list[tuple[str, Callable[[Sequence[Case]], np.ndarray]]] = []
+    if cfg.baselines:
+        methods.append(("popularity", lambda c: popularity_ranks(model, c)))
+        if base_priors is not None:
+            base = load_recommender(items, cfg.baseline_embeddings, params)
+            base.set_priors(base_priors)
+            methods.append(("zero-shot profile, base encoder", lambda c: case_ranks(base, c)))
+        if model.scorer is not None:
+            plain = replace(model, scorer=None)  # same index, vectors and priors
+            methods.append(("zero-shot profile", lambda c: case_ranks(plain, c)))
+    methods.append((cfg.method_name, lambda c: case_ranks(model, c)))
+    worker_state().update(methods=methods, split=cfg.split, max_history=max_history)
+
+
+def _chunk_ranks(work: tuple[pa.Table, pa.Table]) -> dict[str, tuple[np.ndarray, float]]:
+    """Ranks (and seconds spent) of every method on the cases of one chunk of whole users."""
+    events, cases_table = work
+    state = worker_state()
+    cases = list(iter_cases(user_sequences(events), cases_table, [state["split"]], state["max_history"]))
+    out = {}
+    for name, ranking in state["methods"]:
+        started = time.perf_counter()
+        out[name] = (ranking(cases), time.perf_counter() - started)
+    return out
 
 
 def write_report(report: dict[str, Any], output: str) -> None:

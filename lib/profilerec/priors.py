@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from profilerec import storage
 from profilerec.index import ItemIndex
@@ -85,17 +86,91 @@ def item_priors(sequences: dict[str, list[Event]], index: ItemIndex, hidden: Ite
     (targets of the split being evaluated). Item b following item a at distance d <= `span` in a
     user's sequence adds 1/d to transition (a, b). Events on items the index lacks are skipped."""
     hidden = set(hidden)
-    popularity = np.zeros(len(index), dtype=np.float64)
-    pairs: dict[tuple[int, int], float] = {}
-    for events in sequences.values():
-        rows = [index.row(e.item_id) for e in events if e.item_id is not None and e.event_id not in hidden]
-        rows = [r for r in rows if r >= 0]
-        for i, row in enumerate(rows):
-            popularity[row] += 1
-            for d in range(1, min(span, i) + 1):
-                key = (rows[i - d], row)
-                pairs[key] = pairs.get(key, 0.0) + 1.0 / d
-    return _csr(popularity, pairs, len(index), span)
+    counter = PriorCounter(len(index), span)
+    rows, users = [], []
+    for user, events in enumerate(sequences.values()):
+        for e in events:
+            if e.item_id is not None and e.event_id not in hidden:
+                rows.append(index.row(e.item_id))
+                users.append(user)
+    counter.add(np.array(rows, dtype=np.int64), np.array(users, dtype=np.int64))
+    return counter.priors()
+
+
+def table_rows(events: pa.Table, index: ItemIndex, hidden: Optional[pa.Array] = None) -> tuple[np.ndarray, np.ndarray]:
+    """The index row of each event of an EVENTS_SCHEMA table (sorted by user) and a user number
+    that changes exactly where the user does, for PriorCounter.add; events on no item, on items
+    the index lacks, or with an id in `hidden` are left out. Vectorised: no Python per event."""
+    lookup = pc.index_in(events.column("item_id"), value_set=pa.array(index.item_ids, pa.string()))
+    rows = lookup.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    user = events.column("user_id")
+    changed = np.asarray(pc.not_equal(user.slice(1), user.slice(0, max(0, len(user) - 1)))
+                         .to_numpy(zero_copy_only=False), dtype=bool)
+    users = np.concatenate([[0], np.cumsum(changed)]) if len(user) else np.zeros(0, dtype=np.int64)
+    if hidden is not None and len(hidden):
+        keep = ~np.asarray(pc.is_in(events.column("event_id"), value_set=hidden).to_numpy(zero_copy_only=False),
+                           dtype=bool)
+        rows, users = rows[keep], users[keep]
+    return rows, users
+
+
+def log_priors(prepared: str, index: ItemIndex, hidden: Optional[pa.Array] = None, span: int = 1) -> ItemPriors:
+    """item_priors of the events of a prepared folder, streamed through in chunks of whole users
+    (bounded memory, no Event objects): the same counts as item_priors over its user_sequences."""
+    from profilerec.datasets import iter_user_events
+
+    counter = PriorCounter(len(index), span)
+    for chunk in iter_user_events(prepared):
+        counter.add(*table_rows(chunk, index, hidden))
+    return counter.priors()
+
+
+class PriorCounter:
+    """Counts item priors chunk by chunk (a log too large to hold can stream through): add the
+    events of whole users at a time, then take priors(). Vectorised with numpy; pairs are kept
+    as sorted (key, count) arrays, so memory is ~12 bytes per distinct transition."""
+
+    def __init__(self, num_items: int, span: int = 1):
+        self.n = num_items
+        self.span = span
+        self.popularity = np.zeros(num_items, dtype=np.float64)
+        self.keys = np.zeros(0, dtype=np.int64)  # a * n + b, sorted, distinct
+        self.counts = np.zeros(0, dtype=np.float64)
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending_size = 0
+
+    def add(self, rows: np.ndarray, users: np.ndarray) -> None:
+        """Count the events of whole users: `rows` are their items' index rows (-1: not in the
+        index, skipped) in log order, `users` the same length, equal within a user's run."""
+        known = rows >= 0
+        rows, users = rows[known], users[known]
+        np.add.at(self.popularity, rows, 1.0)
+        for d in range(1, self.span + 1):
+            same = users[d:] == users[:-d]
+            keys = rows[:-d][same] * self.n + rows[d:][same]
+            if keys.size:
+                self.pending.append((keys, np.full(keys.size, 1.0 / d)))
+                self.pending_size += keys.size
+        if self.pending_size > 4 * max(self.keys.size, 1_000_000):
+            self._merge()
+
+    def priors(self) -> ItemPriors:
+        """The priors counted so far."""
+        self._merge()
+        src = self.keys // max(self.n, 1)
+        indptr = np.zeros(self.n + 1, dtype=np.int64)
+        np.add.at(indptr, src + 1, 1)
+        return ItemPriors(popularity=self.popularity.copy(), indptr=np.cumsum(indptr),
+                          indices=self.keys % max(self.n, 1), counts=self.counts.astype(np.float32), span=self.span)
+
+    def _merge(self) -> None:
+        if not self.pending:
+            return
+        keys = np.concatenate([self.keys] + [k for k, _ in self.pending])
+        weights = np.concatenate([self.counts] + [w for _, w in self.pending])
+        self.keys, inverse = np.unique(keys, return_inverse=True)
+        self.counts = np.bincount(inverse.ravel(), weights=weights, minlength=self.keys.size)
+        self.pending, self.pending_size = [], 0
 
 
 def _csr(popularity: np.ndarray, pairs: dict[tuple[int, int], float], n: int, span: int = 1) -> ItemPriors:

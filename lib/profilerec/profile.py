@@ -256,8 +256,6 @@ def states_to_table(states: Iterable[ProfileState]) -> pa.Table:
         rows["recent"].append([{"item_id": e.item_id, "type": e.type, "ts": e.ts, "weight": e.weight}
                                for e in s.recent])
         rows["counters"].append(list(s.counters.items()))
-    recent = pa.list_(pa.struct([("item_id", pa.string()), ("type", pa.string()), ("ts", pa.float64()),
-                                 ("weight", pa.float64())]))
     return pa.table({
         "user_id": pa.array(rows["user_id"], pa.string()),
         "n_events": pa.array(rows["n_events"], pa.int64()),
@@ -266,9 +264,21 @@ def states_to_table(states: Iterable[ProfileState]) -> pa.Table:
         "long_weight": pa.array(rows["long_weight"], pa.float64()),
         "short_sum": pa.array(rows["short_sum"], pa.list_(pa.float32())),
         "short_weight": pa.array(rows["short_weight"], pa.float64()),
-        "recent": pa.array(rows["recent"], recent),
+        "recent": pa.array(rows["recent"], _RECENT_TYPE),
         "counters": pa.array(rows["counters"], pa.map_(pa.string(), pa.float64())),
-    })
+    }, schema=states_table_schema())
+
+
+_RECENT_TYPE = pa.list_(pa.struct([("item_id", pa.string()), ("type", pa.string()), ("ts", pa.float64()),
+                                   ("weight", pa.float64())]))
+
+
+def states_table_schema() -> pa.Schema:
+    """The schema of states_to_table (for writers that write states in chunks)."""
+    return pa.schema([("user_id", pa.string()), ("n_events", pa.int64()), ("last_ts", pa.float64()),
+                      ("long_sum", pa.list_(pa.float32())), ("long_weight", pa.float64()),
+                      ("short_sum", pa.list_(pa.float32())), ("short_weight", pa.float64()),
+                      ("recent", _RECENT_TYPE), ("counters", pa.map_(pa.string(), pa.float64()))])
 
 
 def states_from_table(table: pa.Table) -> list[ProfileState]:

@@ -30,7 +30,7 @@ from profilerec.profile import ProfileParams
 from profilerec.recommend import SCORER_DIR, Recommender, load_recommender
 from profilerec.replay import (Case, case_states, hidden_event_ids, iter_cases, later_splits, target_rows,
                                user_sequences)
-from profilerec.training import TRAIN_STATE, fit_on_ray_train, read_metrics
+from profilerec.training import TRAIN_STATE, fit_on_ray_train, read_metrics, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ def train_loop(config: dict[str, Any]) -> None:
     cfg = from_dict(TrainConfig, config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    worker_threads(cfg.threads_per_worker)
     device = ray.train.torch.get_device()
     setup = training_setup(cfg)
     index = setup.recommender.index
@@ -194,8 +195,10 @@ def train_loop(config: dict[str, Any]) -> None:
             started = time.perf_counter()
             generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
             loss = train_epoch(wrapped, optimizer, shard, cfg.batch_size, generator, device=device)
+            seconds = time.perf_counter() - started
+            # the workers step in lockstep: every worker's cases count towards the rate
             report = {"phase": phase, "epoch": epoch + 1, "train_loss": loss, "cases": len(train_data),
-                      "seconds": round(time.perf_counter() - started, 1)}
+                      "seconds": round(seconds, 1), "samples_per_s": round(world * len(shard) / seconds, 1)}
             if phase == "select":
                 metrics = model_metrics(model, eval_data, dropped=len(eval_cases) - len(eval_data),
                                         num_items=len(index), device=device)

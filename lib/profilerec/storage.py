@@ -7,13 +7,14 @@ A location is a local path (`work/prepared`), or a URI (`s3://bucket/prefix`, `g
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import posixpath
 import tempfile
 import uuid
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -150,6 +151,45 @@ def read_table(location: str, columns: Optional[list[str]] = None) -> pa.Table:
         return pq.read_table(path, filesystem=fs, columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"cannot read Parquet at {location}: {e}") from None
+
+
+def iter_tables(location: str, rows: int, columns: Optional[list[str]] = None) -> Iterator[pa.Table]:
+    """A Parquet file (or folder of files) as consecutive tables of about `rows` rows, read as
+    they are consumed: memory stays at one chunk however large the file is."""
+    import pyarrow.dataset as ds
+
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise DataError(f"Parquet input not found: {location}")
+    try:
+        dataset = ds.dataset(path, filesystem=fs, format="parquet")
+        for batch in dataset.to_batches(columns=columns, batch_size=rows, batch_readahead=1, fragment_readahead=1):
+            if batch.num_rows:
+                yield pa.Table.from_batches([batch])
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"cannot read Parquet at {location}: {e}") from None
+
+
+@contextlib.contextmanager
+def table_writer(location: str, schema: pa.Schema) -> Iterator[Any]:
+    """A pyarrow ParquetWriter for one file at `location`, written chunk by chunk (bounded
+    memory). Local files are written to a temporary name and renamed on success, so readers
+    never see half a file; on an object store the object appears when the writer closes."""
+    fs, path = resolve(location)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    target = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if local else path
+    parent = posixpath.dirname(target)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    try:
+        with pq.ParquetWriter(target, schema, filesystem=fs) as writer:
+            yield writer
+    except BaseException:
+        if local and os.path.exists(target):
+            os.remove(target)
+        raise
+    if local:
+        os.replace(target, path)
 
 
 def write_table(table: pa.Table, location: str, durable: bool = False) -> None:

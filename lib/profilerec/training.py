@@ -18,12 +18,13 @@ import logging
 import math
 import os
 import posixpath
+import queue
 import random
 import tempfile
+import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
-import numpy as np
 import torch
 
 from profilerec import storage
@@ -35,6 +36,7 @@ from profilerec.profile import ProfileParams, build_profile, event_embedding, ze
 from profilerec.replay import Case, iter_cases, user_sequences
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 METRIC = "val_ndcg10"
 TRAIN_STATE = "train_state.pt"
@@ -55,26 +57,25 @@ def finetune_loop(config: dict[str, Any]) -> None:
     cfg = from_dict(FinetuneConfig, config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = worker_threads(cfg.threads_per_worker)
     torch.manual_seed(cfg.seed)
     params = ProfileParams()
 
     data = read_prepared(cfg.input)
-    sequences = user_sequences(data.events)
-    train_cases = [c for c in iter_cases(sequences, data.cases, cfg.train_splits, data.max_history or params.window)
-                   if c.history and c.target is not None]
-    eval_cases = _every_nth(list(iter_cases(sequences, data.cases, [cfg.eval_split], data.max_history)),
-                            cfg.eval_max_cases)
-    if not train_cases:
-        raise DataError(f"no training cases in splits {cfg.train_splits} of {cfg.input}")
+    train_cases, eval_cases = finetune_cases(data, cfg, params)
     texts = _item_texts(data.items)
 
-    encoder = TextEncoder(cfg.model, device=str(ray.train.torch.get_device()), max_length=cfg.max_length)
-    encoder.model = ray.train.torch.prepare_model(encoder.model)
+    device = ray.train.torch.get_device()
+    encoder = TextEncoder(cfg.model, device=str(device), max_length=cfg.max_length)
+    # the encoder's pooler gets no gradient (profiles mean-pool the tokens): DDP must be told, or
+    # the second step with two or more workers fails waiting for its gradients
+    encoder.model = ray.train.torch.prepare_model(encoder.model,
+                                                  parallel_strategy_kwargs={"find_unused_parameters": True})
+    use_bf16 = bf16_enabled(cfg.bf16, device)
+    log.info("worker %d of %d: %d torch threads on %s, bf16 autocast %s", rank, world, threads, device,
+             "on" if use_bf16 else "off")
     optimizer = torch.optim.AdamW(encoder.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    per_worker = math.ceil(len(train_cases) / world)
-    steps_per_epoch = math.ceil(per_worker / cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    steps_per_epoch = finetune_steps(len(train_cases), cfg, world)
     scheduler = _warmup_linear(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_ratio)
 
     start_epoch, best, stale, history = 0, -1.0, 0, []
@@ -84,7 +85,7 @@ def finetune_loop(config: dict[str, Any]) -> None:
             start_epoch, best, stale, history = _restore(folder, encoder, optimizer, scheduler)
         log.info("resuming from the checkpoint after epoch %d (best %s %.4f)", start_epoch, METRIC, best)
 
-    def finish_epoch(epoch: int, losses: list[float], started: float) -> None:
+    def finish_epoch(epoch: int, losses: list[torch.Tensor], timing: dict[str, Any], started: float) -> None:
         """Validate, then report and checkpoint the epoch (every worker reports, rank 0 saves)."""
         nonlocal best, stale
         encoder.model.eval()
@@ -92,9 +93,9 @@ def finetune_loop(config: dict[str, Any]) -> None:
         score = metrics["NDCG@10"]
         stale = 0 if score > best else stale + 1
         best = max(best, score)
-        report = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, METRIC: score,
+        report = {"epoch": epoch, "train_loss": float(torch.stack(losses).mean()) if losses else None, METRIC: score,
                   "val_hr10": metrics["HR@10"], "best": best, "steps": len(losses),
-                  "seconds": round(time.perf_counter() - started, 1)}
+                  "seconds": round(time.perf_counter() - started, 1), **timing}
         history.append(report)
         log.info("epoch %d: %s", epoch, report)
         with tempfile.TemporaryDirectory() as folder:
@@ -106,7 +107,7 @@ def finetune_loop(config: dict[str, Any]) -> None:
 
     if not checkpoint:
         # epoch 0 is the untuned encoder: if no epoch beats it, the best checkpoint is the original
-        finish_epoch(0, [], time.perf_counter())
+        finish_epoch(0, [], {}, time.perf_counter())
         stale = 0
     for epoch in range(start_epoch, cfg.epochs):
         if stale >= cfg.patience:
@@ -114,27 +115,158 @@ def finetune_loop(config: dict[str, Any]) -> None:
             break
         started = time.perf_counter()
         encoder.model.train()
-        order = list(range(len(train_cases)))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        mine = order[rank::world]
-        losses = []
-        for step in range(steps_per_epoch):
-            batch = [train_cases[i] for i in mine[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-            if not batch:
-                break
-            loss = case_loss(encoder, batch, texts, params, cfg.temperature)
+        batches = (batch_inputs([train_cases[i] for i in rows], texts, encoder.tokenize)
+                   for rows in epoch_batches(len(train_cases), cfg, epoch, rank, world))
+        losses: list[torch.Tensor] = []
+        timer = StepTimer(device)
+        # the next batches are tokenised on a thread while this one trains
+        for inputs in prefetch(batches):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = inputs_loss(encoder, inputs, params, cfg.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(encoder.model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
-        finish_epoch(epoch + 1, losses, started)
+            losses.append(loss.detach())  # no float() here: that would wait for the GPU every step
+            timer.step(len(inputs.cases))
+        finish_epoch(epoch + 1, losses, timer.summary(world), started)
 
 
-def case_loss(encoder: TextEncoder, cases: Sequence[Case], texts: dict[str, str], params: ProfileParams,
-              temperature: float) -> torch.Tensor:
-    """Next-item contrastive loss of a batch of cases, gradients flowing through profile.py."""
+def finetune_cases(data: Any, cfg: FinetuneConfig, params: ProfileParams) -> tuple[list[Case], list[Case]]:
+    """The training cases (with a history and a target) and the validation cases of a prepared log."""
+    sequences = user_sequences(data.events)
+    train_cases = [c for c in iter_cases(sequences, data.cases, cfg.train_splits, data.max_history or params.window)
+                   if c.history and c.target is not None]
+    eval_cases = _every_nth(list(iter_cases(sequences, data.cases, [cfg.eval_split], data.max_history)),
+                            cfg.eval_max_cases)
+    if not train_cases:
+        raise DataError(f"no training cases in splits {cfg.train_splits} of {cfg.input}")
+    return train_cases, eval_cases
+
+
+def finetune_steps(n_cases: int, cfg: FinetuneConfig, world: int) -> int:
+    """Optimizer steps per epoch of each worker."""
+    steps = math.ceil(math.ceil(n_cases / world) / cfg.batch_size)
+    return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+
+
+def epoch_batches(n_cases: int, cfg: FinetuneConfig, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """The case positions of each of this worker's batches in `epoch` (a seeded shuffle, dealt
+    round-robin to the workers). Every worker gets the same number of batches, as DDP needs (a
+    worker with one step fewer would leave the others waiting): like torch's DistributedSampler,
+    the shuffled order is padded with its own first cases up to a multiple of `world`."""
+    order = list(range(n_cases))
+    random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+    order += order[: math.ceil(n_cases / world) * world - n_cases]
+    mine = order[rank::world]
+    batches = [mine[s * cfg.batch_size : (s + 1) * cfg.batch_size] for s in range(finetune_steps(n_cases, cfg, world))]
+    return [b for b in batches if b]
+
+
+def worker_threads(threads: Optional[int] = None) -> int:
+    """Set (and return) the torch threads of this Ray Train worker: `threads`, or else the cores
+    this process may run on shared evenly by the workers of its node. Ray starts workers with
+    OMP_NUM_THREADS=1, which leaves every other core idle."""
+    import ray.train
+
+    if not threads:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // max(1, ray.train.get_context().get_local_world_size()))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def bf16_enabled(setting: Optional[bool], device: torch.device) -> bool:
+    """Whether to train under bf16 autocast: `setting`, or by default on CUDA GPUs that support it."""
+    if setting is not None:
+        return setting
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+class StepTimer:
+    """Samples per second of the steady-state training steps: the first step of an epoch (lazy
+    initialisation, allocator warm-up) is left out, and so is everything outside the steps
+    (Ray start, model load, validation, checkpoints). Waits for the GPU at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.steps = 0
+        self.samples = 0
+        self.since: Optional[float] = None
+
+    def step(self, samples: int) -> None:
+        """Call after each optimizer step with the number of cases it trained on."""
+        self.steps += 1
+        if self.since is None:
+            self._sync()
+            self.since = time.perf_counter()
+        else:
+            self.samples += samples
+
+    def summary(self, world: int = 1) -> dict[str, Any]:
+        """steady_steps, steady_seconds and samples_per_s (summed over `world` workers, which step
+        in lockstep under DDP)."""
+        if self.since is None or self.steps < 2:
+            return {"steady_steps": 0, "steady_seconds": 0.0, "samples_per_s": None}
+        self._sync()
+        seconds = time.perf_counter() - self.since
+        return {"steady_steps": self.steps - 1, "steady_seconds": round(seconds, 3),
+                "samples_per_s": round(world * self.samples / seconds, 3)}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Yield `items`, produced up to `depth` ahead on a background thread (the tokenizer and
+    most of torch release the GIL, so preparing the next batch overlaps the current step)."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put((end, None))
+        except BaseException as e:  # handed to the consumer, which raises it
+            buffer.put((end, e))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+@dataclasses.dataclass
+class BatchInputs:
+    """A batch of cases ready for the encoder: the distinct item and event texts it needs, tokenised."""
+
+    cases: Sequence[Case]
+    items: dict[str, int]  # item id -> its row in `tokens` (targets included)
+    event_texts: dict[str, int]  # an event's own text -> its row in `tokens`
+    tokens: dict[str, torch.Tensor]
+
+
+def batch_inputs(cases: Sequence[Case], texts: dict[str, str], tokenize: Callable[[list[str]], Any]) -> BatchInputs:
+    """Collect and tokenise the texts a batch of cases needs (no model: safe on a loader thread)."""
     items: dict[str, int] = {}
     for case in cases:
         for event in case.history:
@@ -147,7 +279,13 @@ def case_loss(encoder: TextEncoder, cases: Sequence[Case], texts: dict[str, str]
             if event.text:
                 event_texts.setdefault(event.text, len(items) + len(event_texts))
     batch_texts = [texts.get(i, "") for i in items] + list(event_texts)
-    vectors = encoder.embed(encoder.tokenize(batch_texts))
+    return BatchInputs(cases, items, event_texts, dict(tokenize(batch_texts)))
+
+
+def inputs_loss(encoder: TextEncoder, inputs: BatchInputs, params: ProfileParams, temperature: float) -> torch.Tensor:
+    """Next-item contrastive loss of a prepared batch, gradients flowing through profile.py."""
+    vectors = encoder.embed(inputs.tokens)
+    items, event_texts = inputs.items, inputs.event_texts
 
     def vector_of(event):
         item = vectors[items[event.item_id]] if event.item_id is not None else None
@@ -155,13 +293,19 @@ def case_loss(encoder: TextEncoder, cases: Sequence[Case], texts: dict[str, str]
         return event_embedding(item, text, params)
 
     queries, positives = [], []
-    for case in cases:
+    for case in inputs.cases:
         query = zero_shot_query(build_profile(case.user_id, case.history, vector_of, params), params)
         if query is not None:
             queries.append(query)
             positives.append(items[case.target])
     keys = vectors[: len(items)]
     return contrastive_loss(torch.stack(queries), keys, torch.tensor(positives, device=keys.device), temperature)
+
+
+def case_loss(encoder: TextEncoder, cases: Sequence[Case], texts: dict[str, str], params: ProfileParams,
+              temperature: float) -> torch.Tensor:
+    """Next-item contrastive loss of a batch of cases, gradients flowing through profile.py."""
+    return inputs_loss(encoder, batch_inputs(cases, texts, encoder.tokenize), params, temperature)
 
 
 def _item_texts(items) -> dict[str, str]:
@@ -269,7 +413,7 @@ def fit_on_ray_train(loop: Any, cfg: Any, ignored: Sequence[str], checkpoints: A
     init_ray(cfg.ray)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() > 0
     storage_path = storage.absolute(cfg.storage_path) or default_storage(cfg.output)
-    ignored = ("ray", "storage_path", "run_name", "num_workers", "use_gpu", *ignored)
+    ignored = ("ray", "storage_path", "run_name", "num_workers", "use_gpu", "threads_per_worker", *ignored)
     name = f"{cfg.run_name}-{fingerprint(cfg, ignored)}"
     trainer = TorchTrainer(
         loop,

@@ -11,16 +11,18 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from profilerec import storage
 from profilerec.datasets.common import PreparedData, one_line, order_cases, sort_events
 from profilerec.errors import ConfigError, DataError
 from profilerec.schema import CASES_SCHEMA, EVENTS_SCHEMA, ITEMS_SCHEMA, InvalidRows
 
-__all__ = ["PreparedData", "SOURCES", "load_source", "prepare", "write_prepared", "read_prepared", "describe"]
+__all__ = ["PreparedData", "SOURCES", "load_source", "prepare", "write_prepared", "read_prepared",
+           "iter_user_events", "describe"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,9 @@ SOURCES = {
     "generic": "profilerec.datasets.generic:load",
 }
 MANIFEST_VERSION = 1
+# events per chunk when a job streams the log (iter_user_events): ~100 MB of Event objects and
+# profiles at a time, large enough that per-chunk overheads vanish
+EVENT_CHUNK_ROWS = 200_000
 TABLES = {"events": EVENTS_SCHEMA, "items": ITEMS_SCHEMA, "cases": CASES_SCHEMA}
 
 
@@ -88,22 +93,42 @@ def write_prepared(data: PreparedData, output_uri: str) -> None:
     storage.write_json(manifest, storage.join(output_uri, "manifest.json"))
 
 
-def read_prepared(uri: str) -> PreparedData:
-    """Read a folder written by write_prepared; DataError naming it when it is absent or incomplete."""
-    manifest_loc = storage.join(uri, "manifest.json")
-    if not storage.exists(manifest_loc):
-        raise DataError(f"no prepared data at {uri} ({manifest_loc} not found): run jobs/prepare.py first")
-    manifest = storage.read_json(manifest_loc)
-    if manifest.get("format_version") != MANIFEST_VERSION:
-        raise DataError(f"{manifest_loc} has format_version {manifest.get('format_version')!r}; "
-                        f"this version reads {MANIFEST_VERSION}: prepare the data again")
-    tables = {name: _read_table(storage.join(uri, f"{name}.parquet"), schema) for name, schema in TABLES.items()}
+def read_prepared(uri: str, events: bool = True) -> PreparedData:
+    """Read a folder written by write_prepared; DataError naming it when it is absent or incomplete.
+    `events=False` leaves the (largest) events table empty, for jobs that stream it with
+    iter_user_events."""
+    manifest = _manifest(uri)
+    names = [n for n in TABLES if events or n != "events"]
+    tables = {name: _read_table(storage.join(uri, f"{name}.parquet"), TABLES[name]) for name in names}
+    tables.setdefault("events", EVENTS_SCHEMA.empty_table())
     bad = manifest.get("invalid", {})
     invalid = InvalidRows()
     for reason, n in bad.get("reasons", {}).items():
         invalid.add(reason, int(n), bad.get("examples", {}).get(reason, []))
     return PreparedData(tables["events"], tables["items"], tables["cases"], manifest.get("max_history"), invalid,
                         list(manifest.get("notes", [])), manifest.get("source", ""), manifest.get("input", ""))
+
+
+def iter_user_events(uri: str, rows: Optional[int] = None) -> Iterator[pa.Table]:
+    """The events of a prepared folder in log order, as tables of about `rows` rows (default
+    EVENT_CHUNK_ROWS) that each hold whole users (the log is sorted by user): a log of any size
+    streams through the batch jobs in bounded memory."""
+    rows = rows or EVENT_CHUNK_ROWS
+    _manifest(uri)
+    location = storage.join(uri, "events.parquet")
+    carry: Optional[pa.Table] = None
+    for chunk in storage.iter_tables(location, rows, columns=EVENTS_SCHEMA.names):
+        chunk = _conform(chunk, EVENTS_SCHEMA, location)
+        if carry is not None:
+            chunk = pa.concat_tables([carry, chunk]).combine_chunks()
+        users = chunk.column("user_id")
+        # the last user may go on in the next chunk: hold its rows back
+        tail = pc.sum(pc.equal(users, users[-1])).as_py()
+        carry = chunk.slice(chunk.num_rows - tail)
+        if tail < chunk.num_rows:
+            yield chunk.slice(0, chunk.num_rows - tail)
+    if carry is not None and carry.num_rows:
+        yield carry
 
 
 def describe(data: PreparedData, output: str = "") -> str:
@@ -129,8 +154,22 @@ def _adapter(kind: str) -> Callable[..., PreparedData]:
     return getattr(importlib.import_module(module), func)
 
 
+def _manifest(uri: str) -> dict[str, Any]:
+    manifest_loc = storage.join(uri, "manifest.json")
+    if not storage.exists(manifest_loc):
+        raise DataError(f"no prepared data at {uri} ({manifest_loc} not found): run jobs/prepare.py first")
+    manifest = storage.read_json(manifest_loc)
+    if manifest.get("format_version") != MANIFEST_VERSION:
+        raise DataError(f"{manifest_loc} has format_version {manifest.get('format_version')!r}; "
+                        f"this version reads {MANIFEST_VERSION}: prepare the data again")
+    return manifest
+
+
 def _read_table(location: str, schema: pa.Schema) -> pa.Table:
-    table = storage.read_table(location)
+    return _conform(storage.read_table(location), schema, location)
+
+
+def _conform(table: pa.Table, schema: pa.Schema, location: str) -> pa.Table:
     missing = [n for n in schema.names if n not in table.column_names]
     if missing:
         raise DataError(f"{location} lacks column(s) {', '.join(missing)}: prepare the data again")

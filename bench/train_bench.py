@@ -1,0 +1,184 @@
+"""Training throughput: the Ray Train jobs against a plain single-process PyTorch loop.
+
+    flock /tmp/cpu.lock python bench/train_bench.py [--steps 10] [--batch_size 32] [--workers 1 2]
+
+Encoder fine-tuning (`jobs/finetune.py`, run_finetune on a TorchTrainer) and the profile scorer
+(`jobs/train.py`, run_train) are each run in one process with a plain PyTorch loop first (same
+model, same cases in the same batches, the library's own loss: training.case_loss and
+scorer_training.train_epoch), then through Ray Train with one worker and with two. Only
+steady-state steps count: the jobs time their own steps (StepTimer; Ray start, model load,
+validation and checkpoints are left out) and write the rate into the run's history, which this
+script reads from the manifest the job writes. The plain loops leave out their first step (or
+epoch) the same way.
+
+Data: encoder fine-tuning on the Amazon Industrial sample bundled with the package; the scorer on
+../shared/data/amazon-industrial when present (else the sample) over random unit item vectors
+(the rate does not depend on the vectors' values, and no encode job has to run first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import tempfile
+import time
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.node()} ({len(os.sched_getaffinity(0))} cores, {gpu}), torch {torch.__version__}"
+
+
+def plain_finetune(cfg) -> dict[str, Any]:
+    """Samples/s of a single-process loop over the batches the job's first epoch trains on."""
+    from profilerec.datasets import read_prepared
+    from profilerec.encoder import TextEncoder
+    from profilerec.profile import ProfileParams
+    from profilerec.training import _item_texts, case_loss, epoch_batches, finetune_cases
+
+    params = ProfileParams()
+    data = read_prepared(cfg.input)
+    train_cases, _ = finetune_cases(data, cfg, params)
+    texts = _item_texts(data.items)
+    torch.manual_seed(cfg.seed)
+    encoder = TextEncoder(cfg.model, max_length=cfg.max_length)
+    encoder.model.train()
+    optimizer = torch.optim.AdamW(encoder.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    since, samples, steps = None, 0, 0
+    for rows in epoch_batches(len(train_cases), cfg, epoch=0):
+        loss = case_loss(encoder, [train_cases[i] for i in rows], texts, params, cfg.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.model.parameters(), 1.0)
+        optimizer.step()
+        steps += 1
+        if since is None:
+            since = time.perf_counter()  # the first step is warm-up, as in the job's StepTimer
+        else:
+            samples += len(rows)
+    seconds = time.perf_counter() - since
+    return {"samples_per_s": samples / seconds, "steady_steps": steps - 1, "threads": torch.get_num_threads()}
+
+
+def ray_finetune(cfg) -> dict[str, Any]:
+    """Samples/s of the finetune job's first epoch, as the job recorded it in its manifest."""
+    from profilerec.training import run_finetune
+
+    manifest = run_finetune(cfg)
+    epoch = next(h for h in manifest["history"] if h["epoch"] == 1)
+    return {"samples_per_s": epoch["samples_per_s"], "steady_steps": epoch["steady_steps"],
+            "job_seconds": manifest["seconds"]}
+
+
+def write_random_embeddings(prepared: str, folder: str, dim: int = 384) -> None:
+    """Random unit vectors for every item, in the layout the encode job writes."""
+    from profilerec import storage
+    from profilerec.datasets import read_prepared
+    from profilerec.embeddings import vectors_to_arrow
+
+    items = read_prepared(prepared).items.column("item_id")
+    vectors = np.random.default_rng(0).normal(size=(len(items), dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    storage.write_table(pa.table({"item_id": items, "vector": vectors_to_arrow(vectors)}),
+                        storage.join(folder, "items", "part-0.parquet"))
+
+
+def plain_scorer(cfg) -> dict[str, Any]:
+    """Cases/s of train_epoch in one process, epochs after the first."""
+    from profilerec.model import ProfileScorer
+    from profilerec.scorer_training import case_tensors, train_epoch, training_setup
+
+    setup = training_setup(cfg)
+    data = case_tensors(setup.recommender, setup.cases(cfg.train_splits), cfg.scorer)
+    priors = setup.priors(cfg.eval_split, cfg.scorer.transition_span)
+    torch.manual_seed(cfg.seed)
+    model = ProfileScorer(setup.recommender.index.vectors, priors, setup.recommender.params.window, cfg.scorer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    rates = []
+    for epoch in range(cfg.epochs):
+        started = time.perf_counter()
+        train_epoch(model, optimizer, data, cfg.batch_size, torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        rates.append(len(data) / (time.perf_counter() - started))
+    return {"samples_per_s": float(np.mean(rates[1:])), "cases": len(data), "threads": torch.get_num_threads()}
+
+
+def ray_scorer(cfg) -> dict[str, Any]:
+    """Cases/s of the train job, epochs after the first, from the history in its manifest."""
+    from profilerec.scorer_training import run_train
+
+    manifest = run_train(cfg)
+    rates = [h["samples_per_s"] for h in manifest["history"] if h["phase"] == "select"][1:]
+    return {"samples_per_s": float(np.mean(rates)), "job_seconds": manifest["seconds"]}
+
+
+def line(name: str, result: dict[str, Any], reference: Optional[float] = None) -> str:
+    text = f"  {name:<34} {result['samples_per_s']:8.2f} samples/s"
+    if reference:
+        text += f"   {result['samples_per_s'] / reference:5.2f}x the plain loop"
+    extra = {k: v for k, v in result.items() if k != "samples_per_s"}
+    return text + (f"   ({', '.join(f'{k} {v}' for k, v in extra.items())})" if extra else "")
+
+
+def main() -> None:
+    import ray
+
+    from profilerec.config import FinetuneConfig, PrepareConfig, RayConfig, TrainConfig, default_data_path
+    from profilerec.datasets import prepare
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="fine-tuning steps per run (first one is warm-up)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=64)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--scorer_epochs", type=int, default=4, help="0 skips the scorer")
+    parser.add_argument("--skip_finetune", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    sample = os.path.join(os.path.dirname(__import__("profilerec").__file__), "sample_data", "amazon-industrial-sample")
+    print(f"machine: {machine()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        ray_cfg = RayConfig(num_cpus=4)  # logical CPUs: two 1-CPU workers plus Ray Train's own actors
+        if not args.skip_finetune:
+            prepare(PrepareConfig(source="amazon", input=sample, output=f"{tmp}/sample"))
+            base = FinetuneConfig(input=f"{tmp}/sample", output=f"{tmp}/model", epochs=1, max_steps_per_epoch=args.steps,
+                                  batch_size=args.batch_size, max_length=args.max_length, eval_max_cases=20,
+                                  ray=ray_cfg)
+            print(f"\nencoder fine-tuning (all-MiniLM-L6-v2, batch {args.batch_size} cases, max_length "
+                  f"{args.max_length}, {args.steps} steps per run, Amazon Industrial sample):")
+            plain = plain_finetune(base)
+            print(line("plain PyTorch loop, 1 process", plain), flush=True)
+            for workers in args.workers:
+                cfg = FinetuneConfig(**{**base.__dict__, "num_workers": workers, "output": f"{tmp}/model-{workers}",
+                                        "run_name": f"bench-finetune-{workers}w",
+                                        "storage_path": f"{tmp}/ray_train-{workers}"})
+                print(line(f"jobs/finetune, Ray Train, {workers} worker(s)", ray_finetune(cfg), plain["samples_per_s"]),
+                      flush=True)
+        if args.scorer_epochs:
+            data = default_data_path()
+            prepare(PrepareConfig(source="amazon", input=data, output=f"{tmp}/scorer-data"))
+            write_random_embeddings(f"{tmp}/scorer-data", f"{tmp}/embeddings")
+            base = TrainConfig(input=f"{tmp}/scorer-data", embeddings=f"{tmp}/embeddings", output=f"{tmp}/scorer",
+                               epochs=args.scorer_epochs, patience=args.scorer_epochs, refit=False, ray=ray_cfg)
+            print(f"\nprofile scorer ({os.path.basename(data)}, batch {base.batch_size} cases, "
+                  f"{args.scorer_epochs} epochs, the first left out):")
+            plain = plain_scorer(base)
+            print(line("plain PyTorch loop, 1 process", plain), flush=True)
+            for workers in args.workers:
+                cfg = TrainConfig(**{**base.__dict__, "num_workers": workers, "output": f"{tmp}/scorer-{workers}",
+                                     "run_name": f"bench-scorer-{workers}w", "storage_path": f"{tmp}/ray_train-s{workers}"})
+                print(line(f"jobs/train, Ray Train, {workers} worker(s)", ray_scorer(cfg), plain["samples_per_s"]),
+                      flush=True)
+        print("\nbf16 autocast (FinetuneConfig.bf16, on by default on CUDA GPUs): not measured here (no GPU).")
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
