@@ -20,7 +20,8 @@ from profilerec.datasets.common import PreparedData, one_line, order_cases, sort
 from profilerec.errors import ConfigError, DataError
 from profilerec.schema import CASES_SCHEMA, EVENTS_SCHEMA, ITEMS_SCHEMA, InvalidRows
 
-__all__ = ["PreparedData", "SOURCES", "load_source", "prepare", "write_prepared", "read_prepared", "describe"]
+__all__ = ["PreparedData", "SOURCES", "load_source", "prepare", "write_prepared", "read_prepared",
+           "read_prepared_table", "prepared_manifest", "describe"]
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,9 @@ def write_prepared(data: PreparedData, output_uri: str) -> None:
     storage.write_json(manifest, storage.join(output_uri, "manifest.json"))
 
 
-def read_prepared(uri: str) -> PreparedData:
-    """Read a folder written by write_prepared; DataError naming it when it is absent or incomplete."""
+def prepared_manifest(uri: str) -> dict[str, Any]:
+    """The manifest of a folder written by write_prepared; DataError naming it when it is absent,
+    incomplete or of another format version."""
     manifest_loc = storage.join(uri, "manifest.json")
     if not storage.exists(manifest_loc):
         raise DataError(f"no prepared data at {uri} ({manifest_loc} not found): run jobs/prepare.py first")
@@ -97,6 +99,18 @@ def read_prepared(uri: str) -> PreparedData:
     if manifest.get("format_version") != MANIFEST_VERSION:
         raise DataError(f"{manifest_loc} has format_version {manifest.get('format_version')!r}; "
                         f"this version reads {MANIFEST_VERSION}: prepare the data again")
+    return manifest
+
+
+def read_prepared_table(uri: str, name: str) -> pa.Table:
+    """One table ("events", "items" or "cases") of a prepared folder, checked against its schema."""
+    prepared_manifest(uri)
+    return _read_table(storage.join(uri, f"{name}.parquet"), TABLES[name])
+
+
+def read_prepared(uri: str) -> PreparedData:
+    """Read a folder written by write_prepared; DataError naming it when it is absent or incomplete."""
+    manifest = prepared_manifest(uri)
     tables = {name: _read_table(storage.join(uri, f"{name}.parquet"), schema) for name, schema in TABLES.items()}
     bad = manifest.get("invalid", {})
     invalid = InvalidRows()
