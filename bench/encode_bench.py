@@ -213,23 +213,25 @@ def write_log(folder: str, n_events: int, seed: int = 0) -> dict:
 
 
 def tree_rss(pid: int) -> tuple[int, int]:
-    """(RSS of pid, RSS of pid and all its descendants), bytes."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0, 0
-    total, own = 0, 0
-    for p in procs:
-        try:
-            rss = p.memory_info().rss
-        except psutil.Error:
+    """(RSS of pid, RSS of pid and all its descendants), bytes, from /proc (Linux)."""
+    parents, rss = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
             continue
-        total += rss
-        own = rss if p.pid == pid else own
-    return own, total
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            parents[int(entry)] = int(fields[1])
+            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == parent and p not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return rss.get(pid, 0), sum(rss.get(p, 0) for p in tree)
 
 
 def memory_run(args: argparse.Namespace, n_events: int) -> None:
