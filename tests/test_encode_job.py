@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from profilerec import storage
 from profilerec.config import EncodeConfig
 from profilerec.datasets import PreparedData, read_prepared, write_prepared
 from profilerec.embeddings import item_texts, read_embeddings, run_encode, vectors_from_arrow
@@ -40,3 +41,36 @@ def test_each_distinct_event_text_is_encoded_once(tmp_path, ray_session):
     direct = TextEncoder().encode(["cordless drill", "saw blade"])
     np.testing.assert_allclose(got[text_hash("cordless drill")], direct[0], atol=2e-5)
     np.testing.assert_allclose(got[text_hash("saw blade")], direct[1], atol=2e-5)
+
+
+def test_a_rerun_on_a_grown_log_encodes_only_the_new_texts(tmp_path, ray_session):
+    items = clean_items(pd.DataFrame({"item_id": ["1", "2"], "title": ["red drill", "blue saw"]}), InvalidRows())
+
+    def write(texts):
+        n = len(texts)
+        events = clean_events(pd.DataFrame({
+            "event_id": [f"e{i}" for i in range(n)], "user_id": ["u"] * n, "item_id": ["1"] * n,
+            "type": ["search"] * n, "ts": [1.0e9 + i for i in range(n)], "text": texts,
+        }), {"1", "2"}, InvalidRows())
+        cases = pa.table({"user_id": ["u"], "target_event_id": ["e0"], "split": ["test"]}, schema=CASES_SCHEMA)
+        write_prepared(PreparedData(events, items, cases, None), str(tmp_path / "prepared"))
+
+    cfg = EncodeConfig(input=str(tmp_path / "prepared"), output=str(tmp_path / "emb"), num_actors=1,
+                       num_cpus_per_actor=0.5)
+    write(["cordless drill", "saw blade", "cordless drill"])
+    first = run_encode(cfg, use_gpu=False)
+    assert first["encoded"] == 4  # 2 item texts + 2 distinct event texts
+    cache = storage.read_table(first["cache"])
+    assert cache.num_rows == 4
+
+    write(["cordless drill", "saw blade", "cordless drill", "drill bits", "saw blade", "wood glue"])
+    second = run_encode(cfg, use_gpu=False)
+    assert second["encoded"] == 2 and second["cache"] == first["cache"]
+    assert storage.read_table(first["cache"]).num_rows == 6  # only the two new texts were added
+    assert second["counts"] == {"items": 2, "texts": 4}
+    table = read_embeddings(str(tmp_path / "emb"), "texts")
+    got = dict(zip(table.column("text_hash").to_pylist(), vectors_from_arrow(table.column("vector"))))
+    texts = ["cordless drill", "saw blade", "drill bits", "wood glue"]
+    direct = TextEncoder().encode(texts)
+    for text, vector in zip(texts, direct):
+        np.testing.assert_allclose(got[text_hash(text)], vector, atol=2e-5)

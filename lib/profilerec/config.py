@@ -74,10 +74,21 @@ class EncodeConfig:
     model: str = "default"  # "default" = bundled all-MiniLM-L6-v2; or a local folder / hub id
     batch_size: int = 64
     max_length: int = 128
+    # padded tokens per model call: texts are sorted by token length and batched up to this budget
+    # (at most 8 x batch_size rows), so short texts go in big batches and nothing pads to 128
+    token_budget: int = 4096
+    # auto: bf16 on GPUs, fp32 on CPUs; int8 (CPU, dynamic quantisation: faster, but some vectors
+    # fall below cosine 0.99 to fp32, see docs/encoding.md); fp32; bf16
+    precision: str = "auto"
     num_actors: int = 1
     num_gpus_per_actor: Optional[float] = None  # None: 1 when the cluster has GPUs, else 0
     num_cpus_per_actor: float = 1.0
+    # torch threads per CPU encoder actor; None: the cores of the machine / num_actors (Ray itself
+    # would leave each worker one thread)
+    torch_threads: Optional[int] = None
     include_event_texts: bool = True
+    # vectors already computed, keyed by model fingerprint and text hash; None: <output>/cache
+    cache: Optional[str] = None
     ray: RayConfig = field(default_factory=RayConfig)
 
 

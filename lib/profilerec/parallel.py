@@ -19,11 +19,14 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers(workers: Optional[int]) -> int:
     """`workers`, or else the cores this process may run on."""
-    if workers:
-        return max(1, workers)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, workers) if workers else usable_cores()
 
 
 def map_chunks(fn: Callable[[T], R], chunks: Iterable[T], workers: int,

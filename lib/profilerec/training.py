@@ -171,8 +171,9 @@ def worker_threads(threads: Optional[int] = None) -> int:
     import ray.train
 
     if not threads:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, cores // max(1, ray.train.get_context().get_local_world_size()))
+        from profilerec.parallel import usable_cores
+
+        threads = max(1, usable_cores() // max(1, ray.train.get_context().get_local_world_size()))
     torch.set_num_threads(threads)
     return threads
 

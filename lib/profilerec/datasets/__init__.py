@@ -22,7 +22,7 @@ from profilerec.errors import ConfigError, DataError
 from profilerec.schema import CASES_SCHEMA, EVENTS_SCHEMA, ITEMS_SCHEMA, InvalidRows
 
 __all__ = ["PreparedData", "SOURCES", "load_source", "prepare", "write_prepared", "read_prepared",
-           "iter_user_events", "describe"]
+           "read_prepared_table", "prepared_manifest", "iter_user_events", "describe"]
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,30 @@ def write_prepared(data: PreparedData, output_uri: str) -> None:
     storage.write_json(manifest, storage.join(output_uri, "manifest.json"))
 
 
+def prepared_manifest(uri: str) -> dict[str, Any]:
+    """The manifest of a folder written by write_prepared; DataError naming it when it is absent,
+    incomplete or of another format version."""
+    manifest_loc = storage.join(uri, "manifest.json")
+    if not storage.exists(manifest_loc):
+        raise DataError(f"no prepared data at {uri} ({manifest_loc} not found): run jobs/prepare.py first")
+    manifest = storage.read_json(manifest_loc)
+    if manifest.get("format_version") != MANIFEST_VERSION:
+        raise DataError(f"{manifest_loc} has format_version {manifest.get('format_version')!r}; "
+                        f"this version reads {MANIFEST_VERSION}: prepare the data again")
+    return manifest
+
+
+def read_prepared_table(uri: str, name: str) -> pa.Table:
+    """One table ("events", "items" or "cases") of a prepared folder, checked against its schema."""
+    prepared_manifest(uri)
+    return _read_table(storage.join(uri, f"{name}.parquet"), TABLES[name])
+
+
 def read_prepared(uri: str, events: bool = True) -> PreparedData:
     """Read a folder written by write_prepared; DataError naming it when it is absent or incomplete.
     `events=False` leaves the (largest) events table empty, for jobs that stream it with
     iter_user_events."""
-    manifest = _manifest(uri)
+    manifest = prepared_manifest(uri)
     names = [n for n in TABLES if events or n != "events"]
     tables = {name: _read_table(storage.join(uri, f"{name}.parquet"), TABLES[name]) for name in names}
     tables.setdefault("events", EVENTS_SCHEMA.empty_table())
@@ -114,7 +133,7 @@ def iter_user_events(uri: str, rows: Optional[int] = None) -> Iterator[pa.Table]
     EVENT_CHUNK_ROWS) that each hold whole users (the log is sorted by user): a log of any size
     streams through the batch jobs in bounded memory."""
     rows = rows or EVENT_CHUNK_ROWS
-    _manifest(uri)
+    prepared_manifest(uri)
     location = storage.join(uri, "events.parquet")
     carry: Optional[pa.Table] = None
     for chunk in storage.iter_tables(location, rows, columns=EVENTS_SCHEMA.names):
@@ -152,17 +171,6 @@ def _adapter(kind: str) -> Callable[..., PreparedData]:
         raise ConfigError(f"unknown source {kind!r}; known sources: {', '.join(SOURCES)}")
     module, _, func = SOURCES[kind].partition(":")
     return getattr(importlib.import_module(module), func)
-
-
-def _manifest(uri: str) -> dict[str, Any]:
-    manifest_loc = storage.join(uri, "manifest.json")
-    if not storage.exists(manifest_loc):
-        raise DataError(f"no prepared data at {uri} ({manifest_loc} not found): run jobs/prepare.py first")
-    manifest = storage.read_json(manifest_loc)
-    if manifest.get("format_version") != MANIFEST_VERSION:
-        raise DataError(f"{manifest_loc} has format_version {manifest.get('format_version')!r}; "
-                        f"this version reads {MANIFEST_VERSION}: prepare the data again")
-    return manifest
 
 
 def _read_table(location: str, schema: pa.Schema) -> pa.Table:
