@@ -19,12 +19,13 @@ Data: encoder fine-tuning on the Amazon Industrial sample bundled with the packa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import platform
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -126,6 +127,18 @@ def line(name: str, result: dict[str, Any], reference: Optional[float] = None) -
     return text + (f"   ({', '.join(f'{k} {v}' for k, v in extra.items())})" if extra else "")
 
 
+def compare(job: str, base: Any, plain_run: Callable[[Any], dict], ray_run: Callable[[Any], dict],
+            workers: list[int], tmp: str, tag: str) -> None:
+    """Print the plain loop's samples/s, then the Ray Train job's with each worker count (as a
+    ratio to the plain loop), all on the same config `base`."""
+    plain = plain_run(base)
+    print(line("plain PyTorch loop, 1 process", plain), flush=True)
+    for n in workers:
+        cfg = dataclasses.replace(base, num_workers=n, output=f"{tmp}/{tag}-{n}", run_name=f"bench-{tag}-{n}w",
+                                  storage_path=f"{tmp}/ray_train-{tag}-{n}")
+        print(line(f"{job}, Ray Train, {n} worker(s)", ray_run(cfg), plain["samples_per_s"]), flush=True)
+
+
 def main() -> None:
     import ray
 
@@ -153,14 +166,7 @@ def main() -> None:
                                   ray=ray_cfg)
             print(f"\nencoder fine-tuning (all-MiniLM-L6-v2, batch {args.batch_size} cases, max_length "
                   f"{args.max_length}, {args.steps} steps per run, Amazon Industrial sample):")
-            plain = plain_finetune(base)
-            print(line("plain PyTorch loop, 1 process", plain), flush=True)
-            for workers in args.workers:
-                cfg = FinetuneConfig(**{**base.__dict__, "num_workers": workers, "output": f"{tmp}/model-{workers}",
-                                        "run_name": f"bench-finetune-{workers}w",
-                                        "storage_path": f"{tmp}/ray_train-{workers}"})
-                print(line(f"jobs/finetune, Ray Train, {workers} worker(s)", ray_finetune(cfg), plain["samples_per_s"]),
-                      flush=True)
+            compare("jobs/finetune", base, plain_finetune, ray_finetune, args.workers, tmp, "finetune")
         if args.scorer_epochs:
             data = default_data_path()
             prepare(PrepareConfig(source="amazon", input=data, output=f"{tmp}/scorer-data"))
@@ -169,13 +175,7 @@ def main() -> None:
                                epochs=args.scorer_epochs, patience=args.scorer_epochs, refit=False, ray=ray_cfg)
             print(f"\nprofile scorer ({os.path.basename(data)}, batch {base.batch_size} cases, "
                   f"{args.scorer_epochs} epochs, the first left out):")
-            plain = plain_scorer(base)
-            print(line("plain PyTorch loop, 1 process", plain), flush=True)
-            for workers in args.workers:
-                cfg = TrainConfig(**{**base.__dict__, "num_workers": workers, "output": f"{tmp}/scorer-{workers}",
-                                     "run_name": f"bench-scorer-{workers}w", "storage_path": f"{tmp}/ray_train-s{workers}"})
-                print(line(f"jobs/train, Ray Train, {workers} worker(s)", ray_scorer(cfg), plain["samples_per_s"]),
-                      flush=True)
+            compare("jobs/train", base, plain_scorer, ray_scorer, args.workers, tmp, "scorer")
         print("\nbf16 autocast (FinetuneConfig.bf16, on by default on CUDA GPUs): not measured here (no GPU).")
         ray.shutdown()
 
