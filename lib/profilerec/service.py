@@ -291,7 +291,7 @@ class Ingress:
                 return await reader.call(op, user_id=user_id, **options)
             except ChannelClosed as closed:
                 log.info("read socket of shard %d closed (%s): reading through Ray", shard, closed)
-                del self.readers[shard]
+                self.readers.pop(shard, None)  # concurrent reads may find it closed together
         return await getattr(self.shards[shard], op).remote(user_id=user_id, **options)
 
     def _require_token(self, authorization: Optional[str]) -> None:
