@@ -61,8 +61,7 @@ class EncodeBatch:
                                    dtype=torch.bfloat16 if precision == "bf16" else None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = batch.column("ids").combine_chunks() if isinstance(batch.column("ids"), pa.ChunkedArray) \
-            else batch.column("ids")
+        ids = batch.column("ids").combine_chunks()
         offsets = ids.offsets.to_numpy()
         values = ids.values.to_numpy()
         rows = [values[offsets[i]:offsets[i + 1]] for i in range(len(ids))]
@@ -179,14 +178,14 @@ def encode_into_cache(hashes: list[str], texts: list[str], location: str, cfg: E
     import ray
 
     from profilerec.cluster import encoder_actor_resources
-    from profilerec.parallel import usable_cores
+    from profilerec.parallel import cores_per_worker
 
     if not sys.stdout.isatty():  # logged progress: one summary line per interval, not one per operator
         ray.data.DataContext.get_current().enable_operator_progress_bars = False
     gpus = encoder_actor_resources(cfg, use_gpu)["GPU"]
     threads = None
     if not gpus:
-        threads = cfg.torch_threads or max(1, usable_cores() // max(cfg.num_actors, 1))
+        threads = cfg.torch_threads or cores_per_worker(cfg.num_actors)
     table = pa.table({"text_hash": pa.array(hashes, pa.string()), "text": pa.array(texts, pa.string())})
     rows = max(cfg.batch_size * 16, 1)
     blocks = [table.slice(start, rows) for start in range(0, table.num_rows, rows)]

@@ -138,7 +138,7 @@ class TextEncoder:
         about 1.4x faster on a 2-core AVX2 CPU, but MiniLM's activation outliers put some vectors
         below cosine 0.99 to fp32: see docs/encoding.md). `token_budget`: padded tokens per model
         call in encode_ids() (default batch_size x 32)."""
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
         path = resolve_model_path(model)
         self.name = model
@@ -147,7 +147,7 @@ class TextEncoder:
         self.max_length = max_length
         self.batch_size = batch_size
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.tokenizer = load_tokenizer(path)
             self.model = AutoModel.from_pretrained(path, dtype=dtype)
         except OSError as e:
             raise ConfigError(f"cannot load text model {model!r} from {path}: {e}") from None

@@ -24,6 +24,12 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def cores_per_worker(workers: int) -> int:
+    """Torch threads for each of `workers` processes sharing this machine's cores (at least 1):
+    Ray starts its workers with OMP_NUM_THREADS=1, which would leave the other cores idle."""
+    return max(1, usable_cores() // max(1, workers))
+
+
 def default_workers(workers: Optional[int]) -> int:
     """`workers`, or else the cores this process may run on."""
     return max(1, workers) if workers else usable_cores()

@@ -252,9 +252,10 @@ def get_or_create_shards(cfg: ServeConfig, app_name: str) -> list[Any]:
     actor_cls = ray.remote(ShardActor)
     handles = []
     for shard in range(cfg.num_shards):
+        name = shard_actor_name(app_name, shard, cfg.num_shards)
         handles.append(
             actor_cls.options(
-                name=shard_actor_name(app_name, shard, cfg.num_shards),
+                name=name,
                 namespace=NAMESPACE,
                 lifetime="detached",
                 get_if_exists=True,
@@ -262,6 +263,6 @@ def get_or_create_shards(cfg: ServeConfig, app_name: str) -> list[Any]:
                 # at-least-once retries are safe: every update is keyed by event id
                 max_task_retries=-1,
                 num_cpus=cfg.shard_num_cpus,
-            ).remote(shard, to_dict(cfg), shard_actor_name(app_name, shard, cfg.num_shards))
+            ).remote(shard, to_dict(cfg), name)
         )
     return handles

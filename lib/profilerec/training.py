@@ -171,9 +171,9 @@ def worker_threads(threads: Optional[int] = None) -> int:
     import ray.train
 
     if not threads:
-        from profilerec.parallel import usable_cores
+        from profilerec.parallel import cores_per_worker
 
-        threads = max(1, usable_cores() // max(1, ray.train.get_context().get_local_world_size()))
+        threads = cores_per_worker(ray.train.get_context().get_local_world_size())
     torch.set_num_threads(threads)
     return threads
 
