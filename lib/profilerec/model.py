@@ -86,7 +86,7 @@ class ProfileScorer(nn.Module):
         self.params = params
         self.window = window
         self.trained_on: list[str] = []  # splits whose targets it learned from (set when loaded)
-        self._items_cache: Optional[torch.Tensor] = None  # item_matrix() while serving
+        self._items_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # _item_tables() while serving
         # item vectors and priors come from the index and the log at load time, not from the weights
         self.register_buffer("item_vectors", torch.as_tensor(item_vectors, dtype=torch.float32), persistent=False)
         self.proj = nn.Linear(dim, dim, bias=False)
@@ -139,8 +139,14 @@ class ProfileScorer(nn.Module):
         self.set_priors(priors)
 
     def item_matrix(self) -> torch.Tensor:
-        """[items, D] unit vectors the user vector is compared with. Kept between calls while
-        serving (eval mode, no gradients): projecting every item is most of a request's work."""
+        """[items, D] unit vectors the user vector is compared with."""
+        return self._item_tables()[0]
+
+    def _item_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """item_matrix() and its transpose. Both are kept between calls while serving (eval mode,
+        no gradients): projecting every item is most of a request's work, and a contiguous
+        transpose makes the one-user product over all items about 2x faster with MKL (measured
+        on an AVX2 CPU) than the transposed view."""
         serving = not self.training and not torch.is_grad_enabled()
         if serving and self._items_cache is not None:
             return self._items_cache
@@ -148,8 +154,9 @@ class ProfileScorer(nn.Module):
         if self.item_ids is not None:
             reps = reps + self.item_ids.weight
         reps = F.normalize(reps, dim=-1)
-        self._items_cache = reps if serving else None
-        return reps
+        tables = (reps, reps.T.contiguous() if serving else reps.T)
+        self._items_cache = tables if serving else None
+        return tables
 
     def train(self, mode: bool = True) -> "ProfileScorer":
         self._items_cache = None  # the weights are about to change (or just did)
@@ -168,16 +175,19 @@ class ProfileScorer(nn.Module):
         newest = slots[:, -1]
         parts = [newest]
         if p.attention:
-            keys = self.key(self.drop(slots + self.pos_emb(batch.positions) + self.type_emb(batch.types)
-                                      + self.slot_features(torch.stack([batch.gaps, batch.weights], -1))))
-            logits = (keys * self.query(newest)[:, None, :]).sum(-1) / math.sqrt(keys.shape[-1])
+            slot_inputs = self.drop(slots + self.pos_emb(batch.positions) + self.type_emb(batch.types)
+                                    + self.slot_features(torch.stack([batch.gaps, batch.weights], -1)))
+            query = self.query(newest)
+            # key(x)·q = x·(W_k^T q) + b_k·q: one [D, D] product per user instead of one per window slot
+            logits = ((slot_inputs * (query @ self.key.weight)[:, None, :]).sum(-1)
+                      + (query @ self.key.bias)[:, None]) / math.sqrt(slot_inputs.shape[-1])
             logits = logits.masked_fill(~batch.mask, -1e9)
             attn = torch.softmax(logits, dim=-1) * batch.mask
             parts.append((attn[..., None] * slots).sum(1))
         else:
             parts.append(torch.zeros_like(newest))
         if p.interests:
-            parts += [F.normalize(self.proj(batch.short), dim=-1), F.normalize(self.proj(batch.long), dim=-1)]
+            parts += F.normalize(self.proj(torch.stack([batch.short, batch.long])), dim=-1).unbind()
         else:
             parts += [torch.zeros_like(newest), torch.zeros_like(newest)]
         user = sum(w * v for w, v in zip(self.mix, parts))
@@ -187,8 +197,8 @@ class ProfileScorer(nn.Module):
         """[B, items] logits. In training, pass the `targets` whose own events are counted in the
         priors: their counts are taken out again (leave-one-out), or the model would learn to
         trust priors that already contain the answer."""
-        items = self.item_matrix()
-        logits = self.scale.exp() * self.user_vectors(batch, items) @ items.T
+        items, items_t = self._item_tables()
+        logits = self.scale.exp() * self.user_vectors(batch, items) @ items_t
         if self.params.popularity:
             pop = self.popularity[None, :].expand(len(logits), -1)
             if targets is not None:

@@ -82,7 +82,7 @@ class Recommender:
         if warm and self.scorer is not None:
             batch = scorer_batch([states[i] for i in warm], self.index.row, self.params, self.scorer.params,
                                  self.index.dim)
-            with torch.no_grad():
+            with torch.inference_mode():
                 out[warm] = self.scorer(batch).numpy()
         elif warm:
             queries = [zero_shot_query(states[i], self.params) for i in warm]
