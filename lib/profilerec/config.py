@@ -227,6 +227,9 @@ class ServeConfig:
     num_shards: int = 2
     shard_num_cpus: float = 0.25
     snapshot_every: int = 50_000  # events per shard between snapshots
+    # how long an ingress replica waits for a shard on its node to answer a read before yielding
+    # its event loop (read_channel.py: yielding costs Serve a disconnect watch); 0 = always yield
+    read_wait_ms: float = 5.0
     host: str = "127.0.0.1"
     port: int = 8000
     token_env: str = "PROFILEREC_API_TOKEN"  # bearer token for writes, from this environment variable

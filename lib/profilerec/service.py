@@ -284,7 +284,7 @@ class Ingress:
         if shard not in self.readers:
             address = await self.shards[shard].read_address.remote()
             local = address["node_id"] == ray.get_runtime_context().get_node_id()
-            self.readers[shard] = ReadClient(address["path"]) if local else None
+            self.readers[shard] = ReadClient(address["path"], self.cfg.read_wait_ms / 1000) if local else None
         reader = self.readers[shard]
         if reader is not None:
             try:
@@ -357,7 +357,7 @@ class Ingress:
         answer = await self._read("recommend", user_id, k=k, exclude_seen=exclude_seen, brand=brand,
                                   category=category)
         _metrics().recommend_seconds.observe(time.perf_counter() - started)
-        return answer
+        return JSONResponse(answer)  # plain JSON types already: skips FastAPI's jsonable_encoder walk
 
     @api.get("/v1/users/{user_id}/profile")
     async def profile(self, user_id: str = USER_ID):
