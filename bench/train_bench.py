@@ -1,15 +1,19 @@
 """Training throughput: the Ray Train jobs against a plain single-process PyTorch loop.
 
-    flock /tmp/cpu.lock python bench/train_bench.py [--steps 10] [--batch_size 32] [--workers 1 2]
+    flock /tmp/cpu.lock python bench/train_bench.py [--steps 16] [--rounds 2] [--batch_size 32] [--workers 1 2]
 
-Encoder fine-tuning (`jobs/finetune.py`, run_finetune on a TorchTrainer) and the profile scorer
-(`jobs/train.py`, run_train) are each run in one process with a plain PyTorch loop first (same
-model, same cases in the same batches, the library's own loss: training.case_loss and
-scorer_training.train_epoch), then through Ray Train with one worker and with two. Only
-steady-state steps count: the jobs time their own steps (StepTimer; Ray start, model load,
-validation and checkpoints are left out) and write the rate into the run's history, which this
-script reads from the manifest the job writes. The plain loops leave out their first step (or
-epoch) the same way.
+Encoder fine-tuning (`jobs/finetune.py`, run_finetune on a TorchTrainer) against a plain PyTorch
+loop (same model, same cases in the same batches, the library's own loss training.case_loss):
+Ray is started first and stays up, then for each of `--rounds` rounds the plain loop runs in a
+fresh process (at the niceness Ray gives its workers, with the torch threads of a one-worker job)
+and then the job with one worker; each round prints its own ratio, so the spread between rounds
+shows. Then the job with each other worker count, on the same number of samples (n workers step
+1/n as often). Only steady-state steps count: the job times its own steps (StepTimer; Ray start,
+model load, validation and checkpoints are left out) and writes the rate into the run's history,
+which this script reads from the manifest; the plain loop leaves out its first step the same way.
+
+The profile scorer (`jobs/train.py`, run_train) is compared with scorer_training.train_epoch in
+this process (epochs after the first), then run through Ray Train with one worker and with two.
 
 Data: encoder fine-tuning on the Amazon Industrial sample bundled with the package; the scorer on
 ../shared/data/amazon-industrial when present (else the sample) over random unit item vectors
@@ -19,8 +23,11 @@ Data: encoder fine-tuning on the Amazon Industrial sample bundled with the packa
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import logging
+import math
+import multiprocessing
 import os
 import platform
 import tempfile
@@ -37,13 +44,18 @@ def machine() -> str:
     return f"{platform.node()} ({len(os.sched_getaffinity(0))} cores, {gpu}), torch {torch.__version__}"
 
 
-def plain_finetune(cfg) -> dict[str, Any]:
-    """Samples/s of a single-process loop over the batches the job's first epoch trains on."""
+def plain_finetune(cfg, nice: int = 0, threads: Optional[int] = None) -> dict[str, Any]:
+    """Samples/s of a single-process loop over the batches the job's first epoch trains on, run
+    at niceness `nice` with `threads` torch threads (call it in a fresh process: see plain_in_process)."""
     from profilerec.datasets import read_prepared
     from profilerec.encoder import TextEncoder
     from profilerec.profile import ProfileParams
     from profilerec.training import _item_texts, case_loss, epoch_batches, finetune_cases
 
+    if nice > os.nice(0):
+        os.nice(nice - os.nice(0))
+    if threads:
+        torch.set_num_threads(threads)
     params = ProfileParams()
     data = read_prepared(cfg.input)
     train_cases, _ = finetune_cases(data, cfg, params)
@@ -65,7 +77,16 @@ def plain_finetune(cfg) -> dict[str, Any]:
         else:
             samples += len(rows)
     seconds = time.perf_counter() - since
-    return {"samples_per_s": samples / seconds, "steady_steps": steps - 1, "threads": torch.get_num_threads()}
+    return {"samples_per_s": samples / seconds, "steady_steps": steps - 1, "torch_threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(), "nice": os.nice(0)}
+
+
+def plain_in_process(cfg, nice: int, threads: int) -> dict[str, Any]:
+    """plain_finetune in a fresh process, as the job's Ray Train worker is (nothing left over from
+    an earlier run: no warm allocator, no loaded model, no idle torch threads of this driver)."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(plain_finetune, cfg, nice, threads).result()
 
 
 def ray_finetune(cfg) -> dict[str, Any]:
@@ -75,7 +96,60 @@ def ray_finetune(cfg) -> dict[str, Any]:
     manifest = run_finetune(cfg)
     epoch = next(h for h in manifest["history"] if h["epoch"] == 1)
     return {"samples_per_s": epoch["samples_per_s"], "steady_steps": epoch["steady_steps"],
+            "torch_threads": epoch["torch_threads"], "interop_threads": epoch["interop_threads"],
             "job_seconds": manifest["seconds"]}
+
+
+def ray_worker_conditions() -> dict[str, Any]:
+    """The niceness and OMP_NUM_THREADS Ray gives its worker processes (Ray Train's included)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def conditions() -> dict[str, Any]:
+        return {"nice": os.nice(0), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+    return ray.get(conditions.remote())
+
+
+def compare_finetune(base: Any, workers: list[int], rounds: int, tmp: str) -> None:
+    """The plain loop and the job with one worker, alternately for `rounds` rounds (each ratio
+    within a round), then the job with each other worker count (against the median plain loop).
+
+    Ray is up for every measurement (its daemons take the same share of the cores from both
+    sides), and the plain loop runs in a fresh process at the niceness of Ray's workers with the
+    torch threads of a one-worker job, so the two sides differ only by Ray Train itself."""
+    from profilerec.cluster import init_ray
+    from profilerec.parallel import cores_per_worker
+
+    init_ray(base.ray)
+    ray_worker = ray_worker_conditions()
+    threads = base.threads_per_worker or cores_per_worker(1)
+    print(f"Ray worker processes: nice {ray_worker['nice']}, OMP_NUM_THREADS={ray_worker['OMP_NUM_THREADS']} "
+          f"(the job sets its torch threads itself); plain loop: a fresh process at nice {ray_worker['nice']}, "
+          f"{threads} torch threads, Ray up", flush=True)
+
+    def job(n: int, tag: str) -> dict[str, Any]:
+        # each worker count trains on the same number of samples in all: n workers step 1/n as often
+        cfg = dataclasses.replace(base, num_workers=n, max_steps_per_epoch=math.ceil(base.max_steps_per_epoch / n),
+                                  output=f"{tmp}/finetune-{tag}", run_name=f"bench-finetune-{tag}",
+                                  storage_path=f"{tmp}/ray_train-{tag}")
+        return ray_finetune(cfg)
+
+    plains, ratios = [], []
+    for r in range(1, rounds + 1):
+        plain = plain_in_process(base, ray_worker["nice"], threads)
+        plains.append(plain["samples_per_s"])
+        print(line(f"round {r}: plain PyTorch loop, 1 process", plain), flush=True)
+        one = job(1, f"1w-round{r}")
+        ratios.append(one["samples_per_s"] / plain["samples_per_s"])
+        print(line(f"round {r}: jobs/finetune, Ray Train, 1 worker", one, plain["samples_per_s"]), flush=True)
+    reference = float(np.median(plains))
+    if rounds > 1:
+        print(f"  jobs/finetune 1 worker / plain loop, per round: {', '.join(f'{x:.2f}x' for x in ratios)} "
+              f"(median {np.median(ratios):.2f}x); plain loop {min(plains):.2f}-{max(plains):.2f} samples/s", flush=True)
+    for n in (n for n in workers if n != 1):
+        print(line(f"jobs/finetune, Ray Train, {n} workers", job(n, f"{n}w"), reference)
+              + ("  (ratio to the median plain loop)" if rounds > 1 else ""), flush=True)
 
 
 def write_random_embeddings(prepared: str, folder: str, dim: int = 384) -> None:
@@ -120,7 +194,7 @@ def ray_scorer(cfg) -> dict[str, Any]:
 
 
 def line(name: str, result: dict[str, Any], reference: Optional[float] = None) -> str:
-    text = f"  {name:<34} {result['samples_per_s']:8.2f} samples/s"
+    text = f"  {name:<46} {result['samples_per_s']:8.2f} samples/s"
     if reference:
         text += f"   {result['samples_per_s'] / reference:5.2f}x the plain loop"
     extra = {k: v for k, v in result.items() if k != "samples_per_s"}
@@ -146,7 +220,9 @@ def main() -> None:
     from profilerec.datasets import prepare
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="fine-tuning steps per run (first one is warm-up)")
+    parser.add_argument("--steps", type=int, default=16,
+                        help="fine-tuning steps per run, the first one warm-up (n workers: steps/n each)")
+    parser.add_argument("--rounds", type=int, default=2, help="plain loop / one-worker job pairs, alternated")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_length", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -165,8 +241,8 @@ def main() -> None:
                                   batch_size=args.batch_size, max_length=args.max_length, eval_max_cases=20,
                                   ray=ray_cfg)
             print(f"\nencoder fine-tuning (all-MiniLM-L6-v2, batch {args.batch_size} cases, max_length "
-                  f"{args.max_length}, {args.steps} steps per run, Amazon Industrial sample):")
-            compare("jobs/finetune", base, plain_finetune, ray_finetune, args.workers, tmp, "finetune")
+                  f"{args.max_length}, {args.steps} steps per run, the first left out, Amazon Industrial sample):")
+            compare_finetune(base, args.workers, args.rounds, tmp)
         if args.scorer_epochs:
             data = default_data_path()
             prepare(PrepareConfig(source="amazon", input=data, output=f"{tmp}/scorer-data"))

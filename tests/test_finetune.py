@@ -8,6 +8,7 @@ import torch
 from profilerec.config import FinetuneConfig
 from profilerec.datasets import read_prepared
 from profilerec.encoder import TextEncoder
+from profilerec.parallel import usable_cores
 from profilerec.profile import ProfileParams
 from profilerec.replay import iter_cases, user_sequences
 from profilerec.training import _item_texts, case_loss, epoch_batches, prefetch, run_finetune
@@ -36,6 +37,8 @@ def test_one_epoch_lowers_the_loss_and_a_longer_run_resumes(tiny_work, tmp_path,
     first = manifest["history"][1]
     # the job times its own steady-state steps (the first step is warm-up)
     assert first["steady_steps"] == first["steps"] - 1 > 0 and first["samples_per_s"] > 0
+    # Ray starts workers with OMP_NUM_THREADS=1: the only worker must still train on every core
+    assert first["torch_threads"] == usable_cores()
 
     resumed = run_finetune(FinetuneConfig(**{**cfg.__dict__, "epochs": 2}))
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]

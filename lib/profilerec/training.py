@@ -130,7 +130,9 @@ def finetune_loop(config: dict[str, Any]) -> None:
             scheduler.step()
             losses.append(loss.detach())  # no float() here: that would wait for the GPU every step
             timer.step(len(inputs.cases))
-        finish_epoch(epoch + 1, losses, timer.summary(world), started)
+        # the thread counts go into the history so a benchmark can run its reference loop alike
+        finish_epoch(epoch + 1, losses, {**timer.summary(world), "torch_threads": threads,
+                                         "interop_threads": torch.get_num_interop_threads()}, started)
 
 
 def finetune_cases(data: Any, cfg: FinetuneConfig, params: ProfileParams) -> tuple[list[Case], list[Case]]:
