@@ -139,7 +139,8 @@ def side_by_side(args: argparse.Namespace) -> None:
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
         cfg = EncodeConfig(input=f"{work}/prepared", output=f"{work}/emb", max_length=args.max_length,
                            batch_size=args.batch_size, token_budget=args.token_budget, precision=args.precision,
-                           num_cpus_per_actor=1.0, cache=f"{work}/cache")
+                           num_actors=args.num_actors, torch_threads=args.torch_threads,
+                           num_cpus_per_actor=1.0 / args.num_actors, cache=f"{work}/cache")
         precision = resolve_precision(cfg, use_gpu=False)
         started = time.perf_counter()
         manifest = run_encode(cfg, use_gpu=False)  # the function jobs/encode.py calls; cold cache
@@ -275,12 +276,16 @@ def memory_run(args: argparse.Namespace, n_events: int) -> None:
 
 
 def main() -> None:
+    from profilerec.config import EncodeConfig
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=int, default=4000, help="distinct texts (item texts included)")
     parser.add_argument("--repeat", type=int, default=1, help="occurrences of each event text in the log")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--token-budget", type=int, default=4096)
+    parser.add_argument("--token-budget", type=int, default=EncodeConfig.token_budget)
+    parser.add_argument("--num-actors", type=int, default=1, help="encoder actors (they share the cores)")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: cores / actors)")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--st-batch-size", type=int, default=32, help="sentence-transformers' default is 32")
     parser.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray")
