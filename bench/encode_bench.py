@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -139,7 +140,8 @@ def side_by_side(args: argparse.Namespace) -> None:
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
         cfg = EncodeConfig(input=f"{work}/prepared", output=f"{work}/emb", max_length=args.max_length,
                            batch_size=args.batch_size, token_budget=args.token_budget, precision=args.precision,
-                           num_cpus_per_actor=1.0, cache=f"{work}/cache")
+                           num_actors=args.num_actors, torch_threads=args.torch_threads,
+                           num_cpus_per_actor=1.0 / args.num_actors, cache=f"{work}/cache")
         precision = resolve_precision(cfg, use_gpu=False)
         started = time.perf_counter()
         manifest = run_encode(cfg, use_gpu=False)  # the function jobs/encode.py calls; cold cache
@@ -176,11 +178,13 @@ def side_by_side(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def write_log(folder: str, n_events: int, seed: int = 0) -> dict:
+def write_log(folder: str, n_events: int, seed: int = 0, text_pool: Optional[int] = None) -> dict:
     """A prepared folder with the sample's items and a generated log of n_events, 30% with text.
 
     Query texts come from a pool of n/40 drawn Zipf-like (popular queries repeat), review texts
     from a pool of n/25 (most occur a few times): about 1/20 of the events carry a distinct text.
+    `text_pool` N instead caps the pools at 2N/5 queries and 3N/5 reviews (texts repeat more; the
+    distinct count is printed).
     """
     from profilerec.datasets import PreparedData, read_prepared, write_prepared
     from profilerec.schema import EVENTS_SCHEMA
@@ -189,8 +193,9 @@ def write_log(folder: str, n_events: int, seed: int = 0) -> dict:
     data = read_prepared(f"{folder}-sample")
     maker = TextMaker(seed)
     rng = np.random.default_rng(seed)
-    queries = maker.event_texts(max(n_events // 40, 10))
-    reviews = [maker.review() for _ in range(max(n_events // 25, 10))]
+    n_queries, n_reviews = (text_pool * 2 // 5, text_pool * 3 // 5) if text_pool else (n_events // 40, n_events // 25)
+    queries = maker.event_texts(max(n_queries, 10))
+    reviews = [maker.review() for _ in range(max(n_reviews, 10))]
     item_ids = np.array(data.items.column("item_id").to_pylist())
     kind = rng.random(n_events)
     q_pick = np.minimum(rng.zipf(1.3, n_events) - 1, len(queries) - 1)
@@ -238,7 +243,7 @@ def memory_run(args: argparse.Namespace, n_events: int) -> None:
     work = tempfile.mkdtemp(prefix="encode-log-")
     try:
         started = time.perf_counter()
-        info = write_log(f"{work}/prepared", n_events)
+        info = write_log(f"{work}/prepared", n_events, text_pool=args.text_pool)
         print(f"log of {n_events:,} events written in {time.perf_counter() - started:.0f} s: "
               f"{info['event_texts']:,} event texts, {info['distinct_event_texts']:,} distinct", flush=True)
         cmd = [sys.executable, str(ROOT / "jobs" / "encode.py"), "--input", f"{work}/prepared", "--output",
@@ -275,17 +280,23 @@ def memory_run(args: argparse.Namespace, n_events: int) -> None:
 
 
 def main() -> None:
+    from profilerec.config import EncodeConfig
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=int, default=4000, help="distinct texts (item texts included)")
     parser.add_argument("--repeat", type=int, default=1, help="occurrences of each event text in the log")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--token-budget", type=int, default=4096)
+    parser.add_argument("--token-budget", type=int, default=EncodeConfig.token_budget)
+    parser.add_argument("--num-actors", type=int, default=1, help="encoder actors (they share the cores)")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: cores / actors)")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--st-batch-size", type=int, default=32, help="sentence-transformers' default is 32")
     parser.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray")
     parser.add_argument("--log-events", type=int, nargs="*", default=None,
                         help="memory mode: generated logs of these sizes through jobs/encode.py")
+    parser.add_argument("--text-pool", type=int, default=None,
+                        help="memory mode: at most this many distinct event texts (default: about events / 20)")
     args = parser.parse_args()
     if args.log_events:
         print(f"machine: {machine()}", flush=True)

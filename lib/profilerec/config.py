@@ -76,7 +76,7 @@ class EncodeConfig:
     max_length: int = 128
     # padded tokens per model call: texts are sorted by token length and batched up to this budget
     # (at most 8 x batch_size rows), so short texts go in big batches and nothing pads to 128
-    token_budget: int = 4096
+    token_budget: int = 2048
     # auto: bf16 on GPUs, fp32 on CPUs; int8 (CPU, dynamic quantisation: faster, but some vectors
     # fall below cosine 0.99 to fp32, see docs/encoding.md); fp32; bf16
     precision: str = "auto"
