@@ -17,7 +17,9 @@ and each latency is measured from its scheduled send time, so queueing is counte
   4. mixed: recommendations at --rate/2 and event batches at --event_rate/2, at once
 
 Prints p50/p95/p99 latency, achieved throughput and errors per phase, then the ratios of
-phase 2 to phase 1. The load generator runs on the same machine and takes CPU from the server.
+phase 2 to phase 1, and the CPU each kind of Ray process spent per request in phases 1 and 2
+(from /proc, Linux only): on a small machine latency follows the CPU a request costs. The load
+generator runs on the same machine and takes CPU from the server.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class PhaseResult:
     latencies: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     units: int = 0  # requests, or events for event phases
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU per request by Ray process kind
 
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(np.array(self.latencies) * 1000, q)) if self.latencies else float("nan")
@@ -80,6 +83,33 @@ async def open_loop(session: aiohttp.ClientSession, rate: float, seconds: float,
         tasks.append(asyncio.create_task(one(i, scheduled)))
     await asyncio.gather(*tasks)
     result.seconds = time.perf_counter() - start
+
+
+def ray_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """pid -> (process title, CPU seconds so far) of every Ray worker process on this machine
+    (Linux /proc; empty elsewhere). Titles lose the method part: `ray::ShardActor.apply` -> `ShardActor`."""
+    found = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()) if os.path.isdir("/proc") else ():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode("utf-8", "replace")
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if title.startswith("ray::"):
+            found[int(pid)] = (title[len("ray::"):].split(".")[0].strip(), (int(fields[11]) + int(fields[12])) / tick)
+    return found
+
+
+def cpu_per_request(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                    requests: int) -> dict[str, float]:
+    """Milliseconds of CPU per request each kind of Ray process spent between two ray_cpu_seconds()."""
+    spent: dict[str, float] = {}
+    for pid, (title, seconds) in after.items():
+        spent[title] = spent.get(title, 0.0) + seconds - before.get(pid, (title, 0.0))[1]
+    return {title: 1000 * s / max(requests, 1) for title, s in sorted(spent.items(), key=lambda kv: -kv[1])}
 
 
 def noop_app():
@@ -124,10 +154,14 @@ async def run_phases(args: argparse.Namespace, base: str, token: str, items: lis
             return lambda i: ("GET", f"{base}{prefix}/v1/users/{users[(i * 7) % len(users)]}/recommendations?k=10", None)
 
         noop = PhaseResult(f"1. no-op Serve deployment, {args.rate:g} req/s", 0)
+        before = ray_cpu_seconds()
         await open_loop(session, args.rate, args.seconds, recs("/noop"), noop)
+        noop.cpu_ms = cpu_per_request(before, ray_cpu_seconds(), noop.units)
         results.append((noop, "req"))
         ours = PhaseResult(f"2. recommendations, {args.rate:g} req/s", 0)
+        before = ray_cpu_seconds()
         await open_loop(session, args.rate, args.seconds, recs(""), ours)
+        ours.cpu_ms = cpu_per_request(before, ray_cpu_seconds(), ours.units)
         results.append((ours, "req"))
         batches = args.event_rate / args.batch
         events = PhaseResult(f"3. events, {args.event_rate:g}/s in batches of {args.batch}", 0)
@@ -184,6 +218,11 @@ def main() -> None:
     print(f"\nrecommendation vs no-op floor at {args.rate:g} req/s: "
           f"p50 {ours.percentile_ms(50) / noop.percentile_ms(50):.2f}x (goal <= 1.5x), "
           f"p99 {ours.percentile_ms(99) / noop.percentile_ms(99):.2f}x (goal <= 3x)")
+    for result in (noop, ours):
+        shown = {title: ms for title, ms in result.cpu_ms.items() if ms >= 0.05}
+        print(f"CPU per request, Ray processes ({result.name[:2]} phase): "
+              + ", ".join(f"{title} {ms:.2f} ms" for title, ms in shown.items())
+              + f"; total {sum(result.cpu_ms.values()):.2f} ms")
     events = results[2][0]
     print(f"events accepted: {events.units / events.seconds:.0f}/s with durability on (goal >= 1000/s)")
     serve.delete("profilerec-bench")
