@@ -7,7 +7,7 @@ import torch
 from profilerec.config import ScorerConfig
 from profilerec.index import ItemIndex
 from profilerec.model import ProfileScorer, load_scorer, save_scorer, scorer_batch
-from profilerec.priors import item_priors, read_priors, write_priors
+from profilerec.priors import grown_priors, item_priors, read_priors, write_priors
 from profilerec.profile import ProfileParams, ProfileState, apply_event
 from profilerec.schema import Event
 
@@ -126,3 +126,46 @@ def test_saved_scorer_scores_the_same_and_follows_item_ids(tmp_path):
     with torch.no_grad():
         again = loaded(scorer_batch([state], other.row, params, cfg, other.dim))[0].numpy()
     np.testing.assert_allclose(again, original[order], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [ScorerConfig(id_embeddings=True), ScorerConfig(attention=False, popularity=False),
+                                 ScorerConfig(interests=False, repeat=False, transitions=False)],
+                         ids=["every part", "no attention or popularity", "content and attention only"])
+def test_numpy_inference_scores_as_the_torch_forward(cfg):
+    index = _index()
+    params = ProfileParams()
+    model = ProfileScorer(index.vectors, item_priors(SEQUENCES, index, span=2), params.window, cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for weight in model.parameters():  # every term away from its neutral start
+            weight.normal_(std=0.5)
+    model.eval()
+    states = [_state(index, items, params) for items in (["i4", "i0"], ["i1", "i2", "i3", "i0", "i1"], ["i5"])]
+    batch = scorer_batch(states, index.row, params, cfg, index.dim)
+    with torch.no_grad():
+        expected = model(batch).numpy()
+    np.testing.assert_allclose(model.predict(batch), expected, rtol=1e-4, atol=1e-4)
+    one = scorer_batch(states[1:2], index.row, params, cfg, index.dim)
+    np.testing.assert_allclose(model.predict(one)[0], expected[1], rtol=1e-4, atol=1e-4)
+
+
+def test_numpy_inference_follows_new_weights_and_items():
+    index = _index()
+    params = ProfileParams()
+    cfg = ScorerConfig(dropout=0.0)
+    priors = item_priors(SEQUENCES, index)
+    model = ProfileScorer(index.vectors, priors, params.window, cfg).eval()
+    batch = scorer_batch([_state(index, ["i0", "i1"], params)], index.row, params, cfg, index.dim)
+    before = model.predict(batch)
+    model.train()
+    with torch.no_grad():
+        model.pop.fill_(2.0)
+    model.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(model.predict(batch), model(batch).numpy(), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(model.predict(batch), before)
+    grown = np.vstack([index.vectors, index.vectors[:1]])
+    model.set_items(grown, grown_priors(priors, len(grown)))
+    assert model.predict(batch).shape == (1, len(grown))
+    with torch.no_grad():
+        np.testing.assert_allclose(model.predict(batch), model(batch).numpy(), rtol=1e-4, atol=1e-4)

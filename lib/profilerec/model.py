@@ -13,15 +13,17 @@ vectors) into a score for every item. It adds, as logits on one scale:
   window item), by position, as log-counts and as conditional frequencies;
 - popularity: the log-count of each item.
 
-Every part is O(window) per user plus one matmul over the items, and the same module scores in
-training (with gradients), evaluation and serving. Encoder fine-tuning keeps its contrastive
-loss below.
+Every part is O(window) per user plus one matmul over the items. The module trains with torch
+(gradients, GPU); `ProfileScorer.predict` runs the same math in numpy on the frozen weights
+(`FrozenScorer`) for evaluation and serving, where a request scores one user and torch's
+per-operation overhead was most of its cost (`tests/test_model.py` holds both to the same
+scores). Encoder fine-tuning keeps its contrastive loss below.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -86,7 +88,7 @@ class ProfileScorer(nn.Module):
         self.params = params
         self.window = window
         self.trained_on: list[str] = []  # splits whose targets it learned from (set when loaded)
-        self._items_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # _item_tables() while serving
+        self._frozen: Optional[FrozenScorer] = None  # predict()'s weights, made on first use
         # item vectors and priors come from the index and the log at load time, not from the weights
         self.register_buffer("item_vectors", torch.as_tensor(item_vectors, dtype=torch.float32), persistent=False)
         self.proj = nn.Linear(dim, dim, bias=False)
@@ -123,6 +125,7 @@ class ProfileScorer(nn.Module):
         self.span = priors.span
         for name, value in buffers.items():
             self.register_buffer(name, value.to(self.item_vectors.device), persistent=False)
+        self._frozen = None
 
     def set_items(self, item_vectors: np.ndarray, priors: ItemPriors) -> None:
         """Score over a grown or changed catalog (rows never move; new rows are new items, which
@@ -135,36 +138,29 @@ class ProfileScorer(nn.Module):
                 grown.weight[: self.item_ids.num_embeddings] = self.item_ids.weight
             self.item_ids = grown
         self.register_buffer("item_vectors", vectors, persistent=False)
-        self._items_cache = None
         self.set_priors(priors)
 
     def item_matrix(self) -> torch.Tensor:
         """[items, D] unit vectors the user vector is compared with."""
-        return self._item_tables()[0]
-
-    def _item_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """item_matrix() and its transpose. Both are kept between calls while serving (eval mode,
-        no gradients): projecting every item is most of a request's work, and a contiguous
-        transpose makes the one-user product over all items about 2x faster with MKL (measured
-        on an AVX2 CPU) than the transposed view."""
-        serving = not self.training and not torch.is_grad_enabled()
-        if serving and self._items_cache is not None:
-            return self._items_cache
         reps = self.proj(self.item_vectors)
         if self.item_ids is not None:
             reps = reps + self.item_ids.weight
-        reps = F.normalize(reps, dim=-1)
-        tables = (reps, reps.T.contiguous() if serving else reps.T)
-        self._items_cache = tables if serving else None
-        return tables
+        return F.normalize(reps, dim=-1)
 
     def train(self, mode: bool = True) -> "ProfileScorer":
-        self._items_cache = None  # the weights are about to change (or just did)
+        self._frozen = None  # the weights are about to change (or just did)
         return super().train(mode)
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        self._items_cache = None
+        self._frozen = None
         return super().load_state_dict(*args, **kwargs)
+
+    def predict(self, batch: ScorerBatch) -> np.ndarray:
+        """[B, items] scores of `forward` in eval mode, computed in numpy from the frozen weights
+        (made on the first call after loading, training or a catalog change)."""
+        if self._frozen is None:
+            self._frozen = frozen_scorer(self)
+        return frozen_scores(self._frozen, batch)
 
     def user_vectors(self, batch: ScorerBatch, items: torch.Tensor) -> torch.Tensor:
         """[B, D] unit user vectors from the window and the interest vectors."""
@@ -197,8 +193,8 @@ class ProfileScorer(nn.Module):
         """[B, items] logits. In training, pass the `targets` whose own events are counted in the
         priors: their counts are taken out again (leave-one-out), or the model would learn to
         trust priors that already contain the answer."""
-        items, items_t = self._item_tables()
-        logits = self.scale.exp() * self.user_vectors(batch, items) @ items_t
+        items = self.item_matrix()
+        logits = self.scale.exp() * self.user_vectors(batch, items) @ items.T
         if self.params.popularity:
             pop = self.popularity[None, :].expand(len(logits), -1)
             if targets is not None:
@@ -233,6 +229,110 @@ class ProfileScorer(nn.Module):
         feats = torch.stack([torch.log1p(counts), counts / totals.clamp(min=1.0)], dim=-1)
         values = (feats * self.trans[pos[slot]]).sum(-1)
         return logits.index_put((b_idx[slot], self.t_indices[nz]), values, accumulate=True)
+
+
+@dataclass(frozen=True)
+class FrozenScorer:
+    """A ProfileScorer's weights as numpy arrays, folded for inference (see `frozen_scores`).
+
+    Made once per loaded scorer: one-user scoring is a few dozen small operations, and each
+    torch operation costs microseconds of dispatch that numpy does not (on the 2-core dev VM one
+    request's scoring went from about 0.9 to 0.3 ms warm, 2.2 to 1.1 ms with cold caches).
+    """
+
+    params: ScorerConfig
+    items: np.ndarray  # [N, D] unit item vectors: projected text plus ID embedding
+    items_t: np.ndarray  # [D, N] contiguous: the one-user product over all items runs ~2x faster
+    popularity: np.ndarray  # [N] the popularity logit, a constant while the priors do not change
+    query_key: np.ndarray  # [D, D] W_q^T W_k: the newest item straight to the key-side query
+    query_key_bias: np.ndarray  # [D] b_q W_k
+    query_bias: np.ndarray  # [D] W_q^T b_k: the newest item's term of the key bias
+    query_bias_const: float  # b_q . b_k
+    proj_t: np.ndarray  # [D, D]
+    pos_emb: np.ndarray  # [W, D]
+    type_emb: np.ndarray  # [types + 1, D]
+    slot_weight_t: np.ndarray  # [SLOT_FEATURES, D]
+    slot_bias: np.ndarray  # [D]
+    mix: np.ndarray  # [4]
+    scale: float  # exp of the learned log-scale
+    repeat: np.ndarray  # [W]
+    trans: np.ndarray  # [W, 2]
+    t_indptr: np.ndarray  # CSR of the transitions, as in ItemPriors
+    t_indices: np.ndarray
+    t_features: np.ndarray  # [nnz, 2] log1p(count) and count / max(total, 1): the transition features
+
+
+def frozen_scorer(model: ProfileScorer) -> FrozenScorer:
+    """The eval-mode weights of `model`, on the CPU, folded as FrozenScorer describes."""
+    with torch.no_grad():
+        def arr(t: torch.Tensor) -> np.ndarray:
+            t = t.detach().cpu()
+            return np.ascontiguousarray((t.float() if t.is_floating_point() else t).numpy())
+
+        items = arr(model.item_matrix())
+        w_q, b_q, w_k, b_k = (arr(t).astype(np.float64) for t in (model.query.weight, model.query.bias,
+                                                                     model.key.weight, model.key.bias))
+        counts, totals = arr(model.t_counts), arr(model.t_totals)
+        popularity = np.zeros(len(items), dtype=np.float32)
+        if model.params.popularity:
+            popularity = arr(model.pop * torch.log1p(model.popularity.clamp(min=0)))
+        return FrozenScorer(
+            params=model.params, items=items, items_t=np.ascontiguousarray(items.T), popularity=popularity,
+            query_key=(w_q.T @ w_k).astype(np.float32), query_key_bias=(b_q @ w_k).astype(np.float32),
+            query_bias=(w_q.T @ b_k).astype(np.float32), query_bias_const=float(b_q @ b_k),
+            proj_t=np.ascontiguousarray(arr(model.proj.weight).T), pos_emb=arr(model.pos_emb.weight),
+            type_emb=arr(model.type_emb.weight), slot_weight_t=np.ascontiguousarray(arr(model.slot_features.weight).T),
+            slot_bias=arr(model.slot_features.bias), mix=arr(model.mix), scale=float(model.scale.exp()),
+            repeat=arr(model.repeat), trans=arr(model.trans), t_indptr=arr(model.t_indptr),
+            t_indices=arr(model.t_indices),
+            t_features=np.stack([np.log1p(counts), counts / np.maximum(totals, 1.0)], axis=-1).astype(np.float32),
+        )
+
+
+def frozen_scores(f: FrozenScorer, batch: ScorerBatch) -> np.ndarray:
+    """[B, items] scores: ProfileScorer.forward in eval mode without targets, step for step."""
+    p = f.params
+    win = {field.name: getattr(batch, field.name).cpu().numpy() for field in fields(batch)}
+    mask = win["mask"]
+    slots = f.items[np.maximum(win["items"], 0)] * (np.sign(win["weights"]) * mask)[..., None]  # [B, W, D]
+    newest = slots[:, -1]
+    parts = [newest]
+    if p.attention:
+        slot_inputs = (slots + f.pos_emb[win["positions"]] + f.type_emb[win["types"]]
+                       + np.stack([win["gaps"], win["weights"]], -1) @ f.slot_weight_t + f.slot_bias)
+        key_query = newest @ f.query_key + f.query_key_bias
+        logits = ((slot_inputs @ key_query[..., None])[..., 0] + (newest @ f.query_bias + f.query_bias_const)[:, None]
+                  ) / math.sqrt(slot_inputs.shape[-1])
+        logits = np.where(mask, logits, np.float32(-1e9))
+        attn = np.exp(logits - logits.max(-1, keepdims=True))
+        attn = attn / attn.sum(-1, keepdims=True) * mask
+        parts.append((attn[:, None, :] @ slots)[:, 0])
+    else:
+        parts.append(np.zeros_like(newest))
+    if p.interests:
+        parts += list(_unit(np.stack([win["short"], win["long"]]) @ f.proj_t))
+    else:
+        parts += [np.zeros_like(newest), np.zeros_like(newest)]
+    user = _unit(sum(w * v for w, v in zip(f.mix, parts)))
+    scores = f.scale * (user @ f.items_t) + f.popularity
+    b_idx, p_idx = np.nonzero(mask)
+    rows, pos = win["items"][b_idx, p_idx], win["positions"][b_idx, p_idx]
+    if p.repeat:
+        np.add.at(scores, (b_idx, rows), f.repeat[pos])
+    if p.transitions and len(rows):
+        starts = f.t_indptr[rows]
+        lengths = f.t_indptr[rows + 1] - starts
+        if lengths.sum():
+            slot = np.repeat(np.arange(len(rows)), lengths)
+            nz = starts[slot] + np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            values = (f.t_features[nz] * f.trans[pos[slot]]).sum(-1)
+            np.add.at(scores, (b_idx[slot], f.t_indices[nz]), values)
+    return scores.astype(np.float32, copy=False)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """x / max(|x|, 1e-12) along the last axis, as F.normalize."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def full_softmax_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from profilerec.encoder import text_hash
 from profilerec.index import ItemIndex
@@ -82,8 +81,7 @@ class Recommender:
         if warm and self.scorer is not None:
             batch = scorer_batch([states[i] for i in warm], self.index.row, self.params, self.scorer.params,
                                  self.index.dim)
-            with torch.inference_mode():
-                out[warm] = self.scorer(batch).numpy()
+            out[warm] = self.scorer.predict(batch)
         elif warm:
             queries = [zero_shot_query(states[i], self.params) for i in warm]
             zero = np.zeros(self.index.dim, dtype=np.float32)  # a profile of unknown items only
