@@ -16,10 +16,15 @@ and each latency is measured from its scheduled send time, so queueing is counte
   3. profilerec event batches of --batch events at --event_rate events/s
   4. mixed: recommendations at --rate/2 and event batches at --event_rate/2, at once
 
+Phases 1 and 2 alternate in --rounds slices of --seconds/--rounds each, and each pools its
+slices: the VM's speed drifts over a run (a phase of one run was 3x slower than the same phase
+a few minutes later), and alternating puts both sides under the same drift.
+
 Prints p50/p95/p99 latency, achieved throughput and errors per phase, then the ratios of
-phase 2 to phase 1, and the CPU each kind of Ray process spent per request in phases 1 and 2
-(from /proc, Linux only): on a small machine latency follows the CPU a request costs. The load
-generator runs on the same machine and takes CPU from the server.
+phase 2 to phase 1 (pooled, and the p50 ratio of each round), and the CPU each kind of Ray
+process spent per request in phases 1 and 2 (from /proc, Linux only): on a small machine
+latency follows the CPU a request costs. The load generator runs on the same machine and takes
+CPU from the server.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ class PhaseResult:
     latencies: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     units: int = 0  # requests, or events for event phases
-    cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU per request by Ray process kind
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # CPU spent by Ray process kind
+    round_p50_ms: list[float] = field(default_factory=list)  # p50 of each slice, when run in rounds
 
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(np.array(self.latencies) * 1000, q)) if self.latencies else float("nan")
@@ -82,7 +88,7 @@ async def open_loop(session: aiohttp.ClientSession, rate: float, seconds: float,
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i, scheduled)))
     await asyncio.gather(*tasks)
-    result.seconds = time.perf_counter() - start
+    result.seconds += time.perf_counter() - start
 
 
 def ray_cpu_seconds() -> dict[int, tuple[str, float]]:
@@ -103,13 +109,11 @@ def ray_cpu_seconds() -> dict[int, tuple[str, float]]:
     return found
 
 
-def cpu_per_request(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
-                    requests: int) -> dict[str, float]:
-    """Milliseconds of CPU per request each kind of Ray process spent between two ray_cpu_seconds()."""
-    spent: dict[str, float] = {}
+def add_cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                  spent: dict[str, float]) -> None:
+    """Add the CPU seconds each kind of Ray process spent between two ray_cpu_seconds() to `spent`."""
     for pid, (title, seconds) in after.items():
         spent[title] = spent.get(title, 0.0) + seconds - before.get(pid, (title, 0.0))[1]
-    return {title: 1000 * s / max(requests, 1) for title, s in sorted(spent.items(), key=lambda kv: -kv[1])}
 
 
 def noop_app():
@@ -154,15 +158,14 @@ async def run_phases(args: argparse.Namespace, base: str, token: str, items: lis
             return lambda i: ("GET", f"{base}{prefix}/v1/users/{users[(i * 7) % len(users)]}/recommendations?k=10", None)
 
         noop = PhaseResult(f"1. no-op Serve deployment, {args.rate:g} req/s", 0)
-        before = ray_cpu_seconds()
-        await open_loop(session, args.rate, args.seconds, recs("/noop"), noop)
-        noop.cpu_ms = cpu_per_request(before, ray_cpu_seconds(), noop.units)
-        results.append((noop, "req"))
         ours = PhaseResult(f"2. recommendations, {args.rate:g} req/s", 0)
-        before = ray_cpu_seconds()
-        await open_loop(session, args.rate, args.seconds, recs(""), ours)
-        ours.cpu_ms = cpu_per_request(before, ray_cpu_seconds(), ours.units)
-        results.append((ours, "req"))
+        for _ in range(args.rounds):
+            for result, prefix in ((noop, "/noop"), (ours, "")):
+                before, seen = ray_cpu_seconds(), len(result.latencies)
+                await open_loop(session, args.rate, args.seconds / args.rounds, recs(prefix), result)
+                add_cpu_spent(before, ray_cpu_seconds(), result.cpu_seconds)
+                result.round_p50_ms.append(float(np.percentile(result.latencies[seen:], 50)) * 1000)
+        results += [(noop, "req"), (ours, "req")]
         batches = args.event_rate / args.batch
         events = PhaseResult(f"3. events, {args.event_rate:g}/s in batches of {args.batch}", 0)
         await open_loop(session, batches, args.seconds, lambda i: events_body(i, "load"), events, per_ok=args.batch)
@@ -193,6 +196,7 @@ def main() -> None:
     parser.add_argument("--event_rate", type=float, default=1000.0, help="events per second")
     parser.add_argument("--batch", type=int, default=100, help="events per POST /v1/events")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    parser.add_argument("--rounds", type=int, default=4, help="slices phases 1 and 2 alternate in")
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--num_shards", type=int, default=2)
     parser.add_argument("--port", type=int, default=8123)
@@ -217,12 +221,14 @@ def main() -> None:
     noop, ours = results[0][0], results[1][0]
     print(f"\nrecommendation vs no-op floor at {args.rate:g} req/s: "
           f"p50 {ours.percentile_ms(50) / noop.percentile_ms(50):.2f}x (goal <= 1.5x), "
-          f"p99 {ours.percentile_ms(99) / noop.percentile_ms(99):.2f}x (goal <= 3x)")
+          f"p99 {ours.percentile_ms(99) / noop.percentile_ms(99):.2f}x (goal <= 3x); p50 ratio by round: "
+          + ", ".join(f"{a / b:.2f}x" for a, b in zip(ours.round_p50_ms, noop.round_p50_ms)))
     for result in (noop, ours):
-        shown = {title: ms for title, ms in result.cpu_ms.items() if ms >= 0.05}
+        per_request = {title: 1000 * s / max(result.units, 1)
+                       for title, s in sorted(result.cpu_seconds.items(), key=lambda kv: -kv[1])}
         print(f"CPU per request, Ray processes ({result.name[:2]} phase): "
-              + ", ".join(f"{title} {ms:.2f} ms" for title, ms in shown.items())
-              + f"; total {sum(result.cpu_ms.values()):.2f} ms")
+              + ", ".join(f"{title} {ms:.2f} ms" for title, ms in per_request.items() if ms >= 0.05)
+              + f"; total {sum(per_request.values()):.2f} ms")
     events = results[2][0]
     print(f"events accepted: {events.units / events.seconds:.0f}/s with durability on (goal >= 1000/s)")
     serve.delete("profilerec-bench")
