@@ -21,6 +21,7 @@ from profilerec.model import SCORER_META, ProfileScorer, load_scorer, scorer_bat
 from profilerec.priors import ItemPriors, empty_priors, grown_priors
 from profilerec.profile import ProfileParams, ProfileState, event_embedding, interest_vectors, zero_shot_query
 from profilerec.schema import Event
+from profilerec.text_vectors import TextVectors, empty_text_vectors, load_text_vectors
 
 
 SCORER_DIR = "scorer"  # inside a model folder, next to a fine-tuned `encoder`
@@ -32,7 +33,7 @@ class Recommender:
 
     index: ItemIndex
     params: ProfileParams = field(default_factory=ProfileParams)
-    text_vectors: dict[str, np.ndarray] = field(default_factory=dict)  # text_hash -> unit vector
+    text_vectors: TextVectors = field(default_factory=empty_text_vectors)  # text_hash -> unit vector
     priors: Optional[ItemPriors] = None  # popularity and transitions counted in the log
     scorer: Optional[ProfileScorer] = None  # the trained scorer; None = zero-shot profile
 
@@ -131,13 +132,13 @@ def load_recommender(items: pa.Table, embeddings: str, params: Optional[ProfileP
                      priors: Optional[ItemPriors] = None, model: Optional[str] = None) -> Recommender:
     """A Recommender over `items` with the item and text vectors of the embeddings folder, and the
     scorer saved in the `model` folder when it has one."""
-    from profilerec.embeddings import read_embeddings, vectors_from_arrow
+    from profilerec import storage
+    from profilerec.embeddings import read_embeddings
     from profilerec.index import index_from_tables
 
     index = index_from_tables(items, read_embeddings(embeddings, "items"))
-    texts = read_embeddings(embeddings, "texts")
-    text_vectors = dict(zip(texts.column("text_hash").to_pylist(), vectors_from_arrow(texts.column("vector"))))
-    recommender = Recommender(index, params or ProfileParams(), text_vectors, priors)
+    recommender = Recommender(index, params or ProfileParams(), load_text_vectors(storage.join(embeddings, "texts")),
+                              priors)
     if scorer_exists(scorer_folder(model)):
         recommender.scorer = load_scorer(scorer_folder(model), index.item_ids, index.vectors,
                                          priors or empty_priors(len(index)))

@@ -30,7 +30,7 @@ from ray.serve.config import BackpressureConfig
 
 from profilerec import storage
 from profilerec.config import ServeConfig, from_dict, load_config, to_dict
-from profilerec.embeddings import read_embeddings
+from profilerec.text_vectors import load_text_vectors
 from profilerec.catalog import ITEMS_LOG, TEXTS_LOG
 from profilerec.encoder import text_hash
 from profilerec.errors import ShardRetired, ValidationError
@@ -248,7 +248,7 @@ class Ingress:
         self.shards = open_shards(self.cfg, app_name)
         items = storage.read_table(storage.join(self.cfg.prepared, "items.parquet"), columns=["item_id"])
         self.known_items = set(items.column("item_id").to_pylist())
-        self.known_texts = set(read_embeddings(self.cfg.embeddings, "texts").column("text_hash").to_pylist())
+        self.known_texts = load_text_vectors(storage.join(self.cfg.embeddings, "texts"))
         self.learned = serving_logs(self.cfg)
         self._catch_up()
         self.token = api_token(self.cfg)
@@ -259,8 +259,8 @@ class Ingress:
         """Learn the items and texts other replicas added."""
         for items, _ in self.learned[ITEMS_LOG].unapplied():
             self.known_items.update(items.column("item_id").to_pylist())
-        for texts, _ in self.learned[TEXTS_LOG].unapplied():
-            self.known_texts.update(texts.column("text_hash").to_pylist())
+        for texts, vectors in self.learned[TEXTS_LOG].unapplied():
+            self.known_texts.update(zip(texts.column("text_hash").to_pylist(), vectors))
 
     async def _encode_new_texts(self, events: list) -> None:
         """Encode the event texts no one has encoded yet and log them durably, so every shard
@@ -273,8 +273,9 @@ class Ingress:
         if not new:
             return
         vectors = await asyncio.gather(*(self.encoder.encode.remote(t) for t in new.values()))
-        self.learned[TEXTS_LOG].append(pa.table({"text_hash": list(new)}), np.asarray(vectors, dtype=np.float32))
-        self.known_texts.update(new)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        self.learned[TEXTS_LOG].append(pa.table({"text_hash": list(new)}), vectors)
+        self.known_texts.update(zip(new, vectors))
 
     async def _read(self, op: str, user_id: str, **options: Any) -> Any:
         """`op(user_id, **options)` on the user's shard: through its read socket when it runs on this node
