@@ -135,7 +135,7 @@ class TextEncoder:
                  batch_size: int = 64, dtype: Optional[torch.dtype] = None, quantize: bool = False,
                  token_budget: Optional[int] = None):
         """`quantize`: dynamic int8 Linear layers with per-channel weights (CPU inference only;
-        about 1.4x faster on a 2-core AVX2 CPU, but MiniLM's activation outliers put some vectors
+        about 1.2-1.5x faster on a 2-core AVX2 CPU, but MiniLM's activation outliers put some vectors
         below cosine 0.99 to fp32: see docs/encoding.md). `token_budget`: padded tokens per model
         call in encode_ids() (default batch_size x 32)."""
         from transformers import AutoModel
