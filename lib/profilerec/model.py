@@ -236,8 +236,8 @@ class FrozenScorer:
     """A ProfileScorer's weights as numpy arrays, folded for inference (see `frozen_scores`).
 
     Made once per loaded scorer: one-user scoring is a few dozen small operations, and each
-    torch operation costs microseconds of dispatch that numpy does not (on the 2-core dev VM one
-    request's scoring went from about 0.9 to 0.3 ms warm, 2.2 to 1.1 ms with cold caches).
+    torch operation costs microseconds of dispatch that numpy does not. The shard's CPU per
+    recommendation fell by about a third with it (`bench/serve_bench.py` prints it by process).
     """
 
     params: ScorerConfig
