@@ -248,7 +248,9 @@ class Ingress:
         self.shards = open_shards(self.cfg, app_name)
         items = storage.read_table(storage.join(self.cfg.prepared, "items.parquet"), columns=["item_id"])
         self.known_items = set(items.column("item_id").to_pylist())
-        self.known_texts = load_text_vectors(storage.join(self.cfg.embeddings, "texts"))
+        # texts with a vector: the encode job's (memory-mapped, text_vectors.py) and those learned while serving
+        self.encoded_texts = load_text_vectors(storage.join(self.cfg.embeddings, "texts"))
+        self.learned_texts: set[str] = set()
         self.learned = serving_logs(self.cfg)
         self._catch_up()
         self.token = api_token(self.cfg)
@@ -259,23 +261,22 @@ class Ingress:
         """Learn the items and texts other replicas added."""
         for items, _ in self.learned[ITEMS_LOG].unapplied():
             self.known_items.update(items.column("item_id").to_pylist())
-        for texts, vectors in self.learned[TEXTS_LOG].unapplied():
-            self.known_texts.update(zip(texts.column("text_hash").to_pylist(), vectors))
+        for texts, _ in self.learned[TEXTS_LOG].unapplied():
+            self.learned_texts.update(texts.column("text_hash").to_pylist())
 
     async def _encode_new_texts(self, events: list) -> None:
         """Encode the event texts no one has encoded yet and log them durably, so every shard
         (now or after a restart) adds the same vector to the profile."""
         new = {text_hash(e.text): e.text for e in events if e.text}
-        new = {h: t for h, t in new.items() if h not in self.known_texts}
+        new = {h: t for h, t in new.items() if h not in self.learned_texts and h not in self.encoded_texts}
         if new:
             self._catch_up()
-            new = {h: t for h, t in new.items() if h not in self.known_texts}
+            new = {h: t for h, t in new.items() if h not in self.learned_texts}
         if not new:
             return
         vectors = await asyncio.gather(*(self.encoder.encode.remote(t) for t in new.values()))
-        vectors = np.asarray(vectors, dtype=np.float32)
-        self.learned[TEXTS_LOG].append(pa.table({"text_hash": list(new)}), vectors)
-        self.known_texts.update(zip(new, vectors))
+        self.learned[TEXTS_LOG].append(pa.table({"text_hash": list(new)}), np.asarray(vectors, dtype=np.float32))
+        self.learned_texts.update(new)
 
     async def _read(self, op: str, user_id: str, **options: Any) -> Any:
         """`op(user_id, **options)` on the user's shard: through its read socket when it runs on this node
