@@ -30,9 +30,10 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from typing import Any, Callable, Optional
+
+from profilerec import storage
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,7 @@ class ReadFailed(Exception):
 def socket_path(name: str) -> str:
     """Where the actor called `name` in this process listens: a private folder of the node's temp
     dir; the pid tells incarnations apart, so a restarted actor never answers on a stale path."""
-    folder = os.path.join(tempfile.gettempdir(), f"profilerec-{os.getuid()}")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
+    folder = storage.node_private_dir()
     # socket paths are limited to ~100 bytes: a hash of the name, not the name
     tag = hashlib.blake2b(name.encode("utf-8"), digest_size=8).hexdigest()
     return os.path.join(folder, f"{tag}-{os.getpid()}.sock")

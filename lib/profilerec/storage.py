@@ -199,6 +199,14 @@ def write_table(table: pa.Table, location: str, durable: bool = False) -> None:
     write_bytes(buf.getvalue(), location, durable)
 
 
+def node_private_dir() -> str:
+    """This user's private folder in the node's temp dir (owner-only), for files the processes of
+    one node share: shard read sockets, the memory-mapped event-text vectors."""
+    folder = os.path.join(tempfile.gettempdir(), f"profilerec-{os.getuid()}")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    return folder
+
+
 def local_dir(location: str) -> str:
     """A local folder with the contents of `location` (copied once into a cache for remote URIs)."""
     if not is_uri(location) or location.startswith("file://"):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from typing import Iterable, Optional
 
 import numpy as np
@@ -92,8 +91,8 @@ def load_text_vectors(location: str, cache_dir: Optional[str] = None) -> TextVec
     the temp dir), made on first use."""
     if not storage.exists(location):
         return empty_text_vectors()
-    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), f"profilerec-{os.getuid()}")
-    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    cache_dir = cache_dir or storage.node_private_dir()
+    os.makedirs(cache_dir, exist_ok=True)
     base = os.path.join(cache_dir, f"texts-{_fingerprint(location)}")
     if not os.path.exists(base + ".vectors.f32"):
         _copy_to_node(location, base)
