@@ -13,18 +13,21 @@ and each latency is measured from its scheduled send time, so queueing is counte
 
   1. noop recommendations at --rate requests/s                       (the floor)
   2. profilerec recommendations at --rate requests/s, warm users
+  2b. with --compare_socket: the same on a second profilerec application with board_users=0,
+     whose ingress sends every read to the shard's socket (the service before profile_board.py)
   3. profilerec event batches of --batch events at --event_rate events/s
   4. mixed: recommendations at --rate/2 and event batches at --event_rate/2, at once
 
-Phases 1 and 2 alternate in --rounds slices of --seconds/--rounds each, and each pools its
+Phases 1 and 2 (and 2b) alternate in --rounds slices of --seconds/--rounds each, and each pools its
 slices: the VM's speed drifts over a run (a phase of one run was 3x slower than the same phase
 a few minutes later), and alternating puts both sides under the same drift.
 
 Prints p50/p95/p99 latency, achieved throughput and errors per phase, then the ratios of
-phase 2 to phase 1 (pooled, and the p50 ratio of each round), and the CPU each kind of Ray
-process spent per request in phases 1 and 2 (from /proc, Linux only): on a small machine
-latency follows the CPU a request costs. The load generator runs on the same machine and takes
-CPU from the server.
+phases 2 (and 2b) to phase 1 (pooled, and the p50 ratio of each round), and the CPU each kind
+of Ray process spent per request in each of them (from /proc, Linux only): on a small machine
+latency follows the CPU a request costs; then how many recommendation reads the ingress scored
+itself from a shard's board (profile_board.py) and how many went to the shard. The load
+generator runs on the same machine and takes CPU from the server.
 """
 
 from __future__ import annotations
@@ -133,7 +136,9 @@ def noop_app():
     return Noop.bind()
 
 
-async def run_phases(args: argparse.Namespace, base: str, token: str, items: list[str]) -> list[tuple[PhaseResult, str]]:
+async def run_phases(args: argparse.Namespace, base: str, token: str,
+                     items: list[str]) -> tuple[list[tuple[PhaseResult, str]], dict[str, int]]:
+    """The phases' results, and how the ingress answered recommendation reads (board / shard)."""
     users = [f"bench-user-{n}" for n in range(args.users)]
     headers = {"Authorization": f"Bearer {token}"}
     connector = aiohttp.TCPConnector(limit=0)
@@ -141,16 +146,19 @@ async def run_phases(args: argparse.Namespace, base: str, token: str, items: lis
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
         run_id = f"{time.time():.0f}"
 
-        def events_body(i: int, tag: str) -> tuple[str, str, Any]:
+        def events_body(i: int, tag: str, prefix: str = "") -> tuple[str, str, Any]:
             events = [{"event_id": f"{run_id}-{tag}-{i}-{j}", "user_id": users[(i * args.batch + j) % len(users)],
                        "item_id": items[(i * 31 + j * 7) % len(items)], "type": "click"} for j in range(args.batch)]
-            return "POST", f"{base}/v1/events", {"events": events}
+            return "POST", f"{base}{prefix}/v1/events", {"events": events}
 
         session.headers.update(headers)
         # warm-up: every bench user gets a few events, both apps answer a few requests
         warm_batches = 3 * len(users) // args.batch + 1  # about three events per user
-        await open_loop(session, 20, warm_batches / 20, lambda i: events_body(i, "warm"), PhaseResult("warm-up", 0))
-        for prefix in ("/noop", ""):
+        apps = ["", "/socket"] if args.compare_socket else [""]
+        for prefix in apps:
+            await open_loop(session, 20, warm_batches / 20, lambda i, p=prefix: events_body(i, "warm", p),
+                            PhaseResult("warm-up", 0))
+        for prefix in ["/noop"] + apps:
             await open_loop(session, 50, 1, lambda i, p=prefix: ("GET", f"{base}{p}/v1/users/{users[i % len(users)]}/recommendations?k=10", None),
                             PhaseResult("warm-up", 0))
 
@@ -159,13 +167,16 @@ async def run_phases(args: argparse.Namespace, base: str, token: str, items: lis
 
         noop = PhaseResult(f"1. no-op Serve deployment, {args.rate:g} req/s", 0)
         ours = PhaseResult(f"2. recommendations, {args.rate:g} req/s", 0)
+        sides = [(noop, "/noop"), (ours, "")]
+        if args.compare_socket:
+            sides.append((PhaseResult("2b. same, every read to the shard (no board)", 0), "/socket"))
         for _ in range(args.rounds):
-            for result, prefix in ((noop, "/noop"), (ours, "")):
+            for result, prefix in sides:
                 before, seen = ray_cpu_seconds(), len(result.latencies)
                 await open_loop(session, args.rate, args.seconds / args.rounds, recs(prefix), result)
                 add_cpu_spent(before, ray_cpu_seconds(), result.cpu_seconds)
                 result.round_p50_ms.append(float(np.percentile(result.latencies[seen:], 50)) * 1000)
-        results += [(noop, "req"), (ours, "req")]
+        results += [(result, "req") for result, _ in sides]
         batches = args.event_rate / args.batch
         events = PhaseResult(f"3. events, {args.event_rate:g}/s in batches of {args.batch}", 0)
         await open_loop(session, batches, args.seconds, lambda i: events_body(i, "load"), events, per_ok=args.batch)
@@ -177,7 +188,9 @@ async def run_phases(args: argparse.Namespace, base: str, token: str, items: lis
             open_loop(session, batches / 2, args.seconds, lambda i: events_body(i, "mixed"), mixed_events,
                       per_ok=args.batch))
         results += [(mixed_recs, "req"), (mixed_events, "events")]
-    return results
+        async with session.get(f"{base}/healthz") as response:
+            reads = (await response.json())["replica_reads"]
+    return results, reads
 
 
 def main() -> None:
@@ -200,6 +213,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--num_shards", type=int, default=2)
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--compare_socket", action="store_true",
+                        help="also run the service with board_users=0 (every read through the shard's socket) "
+                             "as phase 2b, alternating with phases 1 and 2")
     args = parser.parse_args()
 
     work = storage.absolute(args.work_dir)
@@ -207,31 +223,44 @@ def main() -> None:
     cfg = dataclasses.replace(stage_configs(PipelineConfig(work_dir=work)).serve, num_shards=args.num_shards,
                               state_dir=storage.join(work, "bench_serve_state"))
     storage.delete(cfg.state_dir)  # a fresh service state for every run
-    init_ray(RayConfig())
+    # the second application's actors need logical CPUs to be placed; the cores stay what they are
+    init_ray(RayConfig(num_cpus=2 * (os.cpu_count() or 2) if args.compare_socket else None))
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(noop_app(), name="noop", route_prefix="/noop")
     serve.run(build_app(cfg), name="profilerec-bench", route_prefix="/")
+    if args.compare_socket:
+        socket_cfg = dataclasses.replace(cfg, board_users=0, state_dir=storage.join(work, "bench_serve_state_socket"),
+                                         token_file=storage.join(cfg.state_dir, "api_token"))
+        storage.delete(socket_cfg.state_dir)
+        serve.run(build_app(socket_cfg), name="profilerec-bench-socket", route_prefix="/socket")
     items = read_prepared(cfg.prepared).items.column("item_id").to_pylist()
-    results = asyncio.run(run_phases(args, f"http://127.0.0.1:{args.port}", api_token(cfg), items))
+    results, reads = asyncio.run(run_phases(args, f"http://127.0.0.1:{args.port}", api_token(cfg), items))
 
     print(f"\nmachine: {platform.node()} ({os.cpu_count()} cores), Ray Serve on localhost, "
           f"{args.num_shards} profile shards, {len(items)} items, durability on (fsync per batch)")
     for result, unit in results:
         print(result.line(unit))
-    noop, ours = results[0][0], results[1][0]
-    print(f"\nrecommendation vs no-op floor at {args.rate:g} req/s: "
-          f"p50 {ours.percentile_ms(50) / noop.percentile_ms(50):.2f}x (goal <= 1.5x), "
-          f"p99 {ours.percentile_ms(99) / noop.percentile_ms(99):.2f}x (goal <= 3x); p50 ratio by round: "
-          + ", ".join(f"{a / b:.2f}x" for a, b in zip(ours.round_p50_ms, noop.round_p50_ms)))
-    for result in (noop, ours):
+    sides = [result for result, _ in results if result.name.startswith("1.") or result.name.startswith("2")]
+    noop = sides[0]
+    print()
+    for ours in sides[1:]:
+        print(f"{ours.name[:3]} vs no-op floor at {args.rate:g} req/s: "
+              f"p50 {ours.percentile_ms(50) / noop.percentile_ms(50):.2f}x (goal <= 1.5x), "
+              f"p99 {ours.percentile_ms(99) / noop.percentile_ms(99):.2f}x (goal <= 3x); p50 ratio by round: "
+              + ", ".join(f"{a / b:.2f}x" for a, b in zip(ours.round_p50_ms, noop.round_p50_ms)))
+    for result in sides:
         per_request = {title: 1000 * s / max(result.units, 1)
                        for title, s in sorted(result.cpu_seconds.items(), key=lambda kv: -kv[1])}
-        print(f"CPU per request, Ray processes ({result.name[:2]} phase): "
+        print(f"CPU per request, Ray processes ({result.name.split(' ')[0]} phase): "
               + ", ".join(f"{title} {ms:.2f} ms" for title, ms in per_request.items() if ms >= 0.05)
               + f"; total {sum(per_request.values()):.2f} ms")
-    events = results[2][0]
+    print(f"recommendation reads the ingress scored from a shard's board: {reads['board']}, "
+          f"that went to the shard: {reads['shard']}")
+    events = next(result for result, _ in results if result.name.startswith("3."))
     print(f"events accepted: {events.units / events.seconds:.0f}/s with durability on (goal >= 1000/s)")
     serve.delete("profilerec-bench")
+    if args.compare_socket:
+        serve.delete("profilerec-bench-socket")
     serve.delete("noop")
 
 

@@ -220,11 +220,14 @@ def test_profiles_built_event_by_event_in_the_service_equal_the_batch_job(servic
         assert live.recent == batch.recent and live.n_events == batch.n_events
         assert live.long_weight == pytest.approx(batch.long_weight)
         assert live.counters == pytest.approx(batch.counters)
-    # and what the service recommends is what the evaluated model gives for the batch-built profile
+    # and what the service recommends is what the evaluated model gives for the batch-built profile,
+    # scored by the ingress from the states the shards put on their boards (profile_board.py)
     recommender = load_serving_recommender(service["cfg"])
     assert recommender.scorer is not None
+    board_reads = requests.get(f"{service['url']}/healthz", timeout=60).json()["replica_reads"]["board"]
     for user in users:
         expected = recommender.recommend(batch_states[user], k=5)
         got = recs(service, user, k=5)["items"]
         assert [i["item_id"] for i in got] == [i["item_id"] for i in expected]
         assert [i["score"] for i in got] == pytest.approx([i["score"] for i in expected], rel=1e-5, abs=1e-5)
+    assert requests.get(f"{service['url']}/healthz", timeout=60).json()["replica_reads"]["board"] == board_reads + len(users)

@@ -93,7 +93,7 @@ def test_killing_a_shard_in_a_stream_of_events_loses_no_accepted_event(ops, ray_
         time.sleep(0.01)
     victim = ray_session.get_actor(shard_actor_name(APP, 0, 2), namespace=NAMESPACE)
     victims_users = [u for u in users if shard_of(u, 2) == 0]
-    assert victims_users and all(recommended(ops, u) for u in victims_users)  # reads over its socket
+    assert victims_users and all(recommended(ops, u) for u in victims_users)  # reads from its board
     pid = ray_session.get(victim.ping.remote())
     ray_session.kill(victim, no_restart=False)  # Ray restarts it; it recovers from snapshot + log
     sender.join()
@@ -107,7 +107,7 @@ def test_killing_a_shard_in_a_stream_of_events_loses_no_accepted_event(ops, ray_
     expected = {u: build_profile(u, evs, recommender.vector_of, recommender.params, recommender.index.meta)
                 for u, evs in by_user.items()}
     assert as_rows({u: live[u] for u in users}) == as_rows(expected)
-    # reads find the restarted shard (its old socket is gone) and rank by the recovered profiles
+    # reads find the restarted shard (its old board and socket are gone) and rank by the recovered profiles
     for u in users:
         assert recommended(ops, u) == [item["item_id"] for item in recommender.recommend(expected[u], 10)]
     # and the durable log alone rebuilds exactly what the actors hold

@@ -14,6 +14,7 @@ the write time, so concurrent writers never collide and files sort in the order 
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from typing import Iterator
@@ -35,6 +36,14 @@ class VectorLog:
     def __init__(self, state_dir: str, name: str):
         self.root = storage.join(state_dir, name)
         self.applied: set[str] = set()
+        # a hash of the file names in the order applied: two processes with the same fingerprint
+        # applied the same files in the same order, so their item indexes have the same rows
+        self.fingerprint = 0
+
+    def _applied(self, name: str) -> None:
+        self.applied.add(name)
+        digest = hashlib.blake2b(self.fingerprint.to_bytes(8, "little") + name.encode(), digest_size=8).digest()
+        self.fingerprint = int.from_bytes(digest, "little")
 
     def append(self, rows: pa.Table, vectors: np.ndarray) -> str:
         """Write `rows` with their `vectors` durably; returns the file name. The writer counts it
@@ -43,7 +52,7 @@ class VectorLog:
         table = rows.append_column("vector", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         storage.write_table(table, storage.join(self.root, name), durable=True)
-        self.applied.add(name)
+        self._applied(name)
         return name
 
     def unapplied(self) -> Iterator[tuple[pa.Table, np.ndarray]]:
@@ -52,5 +61,5 @@ class VectorLog:
             if name in self.applied:
                 continue
             table = storage.read_table(storage.join(self.root, name))
-            self.applied.add(name)
+            self._applied(name)
             yield table.drop_columns(["vector"]), vectors_from_arrow(table.column("vector"))

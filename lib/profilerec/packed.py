@@ -74,8 +74,10 @@ class StateCodec:
         return b"".join([header, vectors, rows.tobytes(), types.tobytes(), times.tobytes(), weights.tobytes(),
                          keys.tobytes(), values.tobytes(), np.asarray(hashes, dtype="<u8").tobytes()])
 
-    def unpack(self, user_id: str, blob: bytes, dim: int) -> tuple[ProfileState, np.ndarray]:
-        """The state and event-id hashes packed in `blob` (`dim`: length of the vectors)."""
+    def unpack(self, user_id: str, blob: bytes, dim: int, counters: bool = True) -> tuple[ProfileState, np.ndarray]:
+        """The state and event-id hashes packed in `blob` (`dim`: length of the vectors). With
+        `counters=False` the state has no counters: a process other than the packing shard lacks
+        its vocabulary of counter keys, and scoring does not use them."""
         n_events, last_ts, long_weight, short_weight, code, n_recent, n_counters, n_hashes = HEADER.unpack_from(blob)
         at = HEADER.size
         long_sum = short_sum = None
@@ -99,7 +101,7 @@ class StateCodec:
             long_sum=long_sum, long_weight=long_weight, short_sum=short_sum, short_weight=short_weight,
             recent=[RecentEvent(self.item_at(int(r)), EVENT_TYPES[t], float(ts), float(w))
                     for r, t, ts, w in zip(rows, types, times, weights)],
-            counters={self.keys[k]: float(v) for k, v in zip(keys, values)},
+            counters={self.keys[k]: float(v) for k, v in zip(keys, values)} if counters else {},
         )
         return state, hashes
 
@@ -121,6 +123,12 @@ class StateCodec:
             code = self.key_codes[key] = len(self.keys)
             self.keys.append(key)
         return code
+
+
+def max_packed_bytes(dim: int, vector_dtype: str, window: int, counters: int, hashes: int) -> int:
+    """The largest packed state: full window, counters and event-id hashes."""
+    return (HEADER.size + 2 * dim * np.dtype(vector_dtype).itemsize + window * (4 + 1 + 8 + 8)
+            + counters * (4 + 8) + hashes * 8)
 
 
 def remember(hashes: np.ndarray, new: int, limit: int) -> np.ndarray:

@@ -25,7 +25,6 @@ reader stops blocking after `quick_wait_s` and awaits the rest of the answer on 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -49,12 +48,8 @@ class ReadFailed(Exception):
 
 
 def socket_path(name: str) -> str:
-    """Where the actor called `name` in this process listens: a private folder of the node's temp
-    dir; the pid tells incarnations apart, so a restarted actor never answers on a stale path."""
-    folder = storage.node_private_dir()
-    # socket paths are limited to ~100 bytes: a hash of the name, not the name
-    tag = hashlib.blake2b(name.encode("utf-8"), digest_size=8).hexdigest()
-    return os.path.join(folder, f"{tag}-{os.getpid()}.sock")
+    """Where the actor called `name` in this process listens (storage.process_file)."""
+    return storage.process_file(name, ".sock")
 
 
 async def serve_reads(path: str, operations: dict[str, Callable[..., Any]]) -> asyncio.AbstractServer:
@@ -63,7 +58,7 @@ async def serve_reads(path: str, operations: dict[str, Callable[..., Any]]) -> a
     prefix = os.path.basename(path).rsplit("-", 1)[0]
     folder = os.path.dirname(path)
     for stale in os.listdir(folder):
-        if stale.startswith(prefix + "-") and os.path.join(folder, stale) != path:
+        if stale.startswith(prefix + "-") and stale.endswith(".sock") and os.path.join(folder, stale) != path:
             _remove(os.path.join(folder, stale))
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

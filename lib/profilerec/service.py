@@ -30,14 +30,14 @@ from ray.serve.config import BackpressureConfig
 
 from profilerec import storage
 from profilerec.config import ServeConfig, from_dict, load_config, to_dict
-from profilerec.text_vectors import load_text_vectors
-from profilerec.catalog import ITEMS_LOG, TEXTS_LOG
+from profilerec.catalog import ITEMS_LOG, TEXTS_LOG, VectorLog
 from profilerec.encoder import text_hash
 from profilerec.errors import ShardRetired, ValidationError
 from profilerec.schema import EVENT_TYPES, ITEMS_SCHEMA, MAX_ID_CHARS, MAX_TEXT_CHARS, item_text, validate_event
+from profilerec.profile_board import BoardReader
 from profilerec.read_channel import ChannelClosed, ReadClient
-from profilerec.shard_actors import open_shards, serving_logs
-from profilerec.shard import pseudonym, shard_of
+from profilerec.shard_actors import apply_learned, load_serving_recommender, open_shards, serving_logs
+from profilerec.shard import pseudonym, recommendation, shard_of, state_codec
 
 log = logging.getLogger("profilerec.serve")
 
@@ -246,21 +246,26 @@ class Ingress:
         self.encoder = encoder
         app_name = serve.get_replica_context().app_name
         self.shards = open_shards(self.cfg, app_name)
-        items = storage.read_table(storage.join(self.cfg.prepared, "items.parquet"), columns=["item_id"])
-        self.known_items = set(items.column("item_id").to_pylist())
-        # texts with a vector: the encode job's (memory-mapped, text_vectors.py) and those learned while serving
-        self.encoded_texts = load_text_vectors(storage.join(self.cfg.embeddings, "texts"))
+        # the same recommender as the shards, to score the states they put on their boards; its
+        # items log is applied in name order, as the shards apply theirs (catalog.py fingerprint)
+        self.scoring_items = VectorLog(self.cfg.state_dir, ITEMS_LOG)
+        self.recommender = load_serving_recommender(self.cfg, {ITEMS_LOG: self.scoring_items})
+        self.codec = state_codec(self.recommender)
+        # hashes of the event texts encoded while serving (the encode job's are the recommender's
+        # text_vectors, memory-mapped: text_vectors.py)
         self.learned_texts: set[str] = set()
         self.learned = serving_logs(self.cfg)
         self._catch_up()
         self.token = api_token(self.cfg)
         self.readers: dict[int, Optional[ReadClient]] = {}  # shard -> its read socket (None: another node)
-        log.info("ingress ready: %d shards, %d items", len(self.shards), len(self.known_items))
+        self.boards: dict[int, BoardReader] = {}  # shard -> its board, when on this node and on
+        self.board_misses: dict[int, int] = {}  # shard -> the board fingerprint this replica could not match
+        self.reads = {"board": 0, "shard": 0}  # recommendation reads answered each way
+        log.info("ingress ready: %d shards, %d items", len(self.shards), len(self.recommender.index))
 
     def _catch_up(self) -> None:
         """Learn the items and texts other replicas added."""
-        for items, _ in self.learned[ITEMS_LOG].unapplied():
-            self.known_items.update(items.column("item_id").to_pylist())
+        apply_learned(self.recommender, {ITEMS_LOG: self.scoring_items})
         for texts, _ in self.learned[TEXTS_LOG].unapplied():
             self.learned_texts.update(texts.column("text_hash").to_pylist())
 
@@ -268,7 +273,8 @@ class Ingress:
         """Encode the event texts no one has encoded yet and log them durably, so every shard
         (now or after a restart) adds the same vector to the profile."""
         new = {text_hash(e.text): e.text for e in events if e.text}
-        new = {h: t for h, t in new.items() if h not in self.learned_texts and h not in self.encoded_texts}
+        encoded = self.recommender.text_vectors  # the encode job's only: this replica applies no texts log
+        new = {h: t for h, t in new.items() if h not in self.learned_texts and h not in encoded}
         if new:
             self._catch_up()
             new = {h: t for h, t in new.items() if h not in self.learned_texts}
@@ -278,23 +284,65 @@ class Ingress:
         self.learned[TEXTS_LOG].append(pa.table({"text_hash": list(new)}), np.asarray(vectors, dtype=np.float32))
         self.learned_texts.update(new)
 
+    async def _connect(self, shard: int) -> None:
+        """Find how to read `shard` without a Ray call: its read socket and board when it runs on
+        this node (read_channel.py, profile_board.py); reads of other shards go through Ray."""
+        address = await self.shards[shard].read_address.remote()
+        local = address["node_id"] == ray.get_runtime_context().get_node_id()
+        self.readers[shard] = ReadClient(address["path"], self.cfg.read_wait_ms / 1000) if local else None
+        self._drop_board(shard)
+        if local and address["board"]:
+            self.boards[shard] = BoardReader(address["board"])
+
+    def _drop_board(self, shard: int) -> None:
+        board = self.boards.pop(shard, None)
+        if board is not None:
+            board.close()
+
     async def _read(self, op: str, user_id: str, **options: Any) -> Any:
-        """`op(user_id, **options)` on the user's shard: through its read socket when it runs on this node
-        (read_channel.py), else, or when the socket is gone, through Ray (which waits for a
-        restarting shard; the socket is looked up again on the next read)."""
+        """`op(user_id, **options)` on the user's shard: through its read socket when it runs on this node,
+        else, or when the socket is gone, through Ray (which waits for a restarting shard; the
+        socket is looked up again on the next read)."""
         shard = shard_of(user_id, self.cfg.num_shards)
         if shard not in self.readers:
-            address = await self.shards[shard].read_address.remote()
-            local = address["node_id"] == ray.get_runtime_context().get_node_id()
-            self.readers[shard] = ReadClient(address["path"], self.cfg.read_wait_ms / 1000) if local else None
-        reader = self.readers[shard]
+            await self._connect(shard)
+        reader = self.readers.get(shard)
         if reader is not None:
             try:
                 return await reader.call(op, user_id=user_id, **options)
             except ChannelClosed as closed:
                 log.info("read socket of shard %d closed (%s): reading through Ray", shard, closed)
                 self.readers.pop(shard, None)  # concurrent reads may find it closed together
+                self._drop_board(shard)
         return await getattr(self.shards[shard], op).remote(user_id=user_id, **options)
+
+    def _recommend_from_board(self, user_id: str, k: int, exclude_seen: bool, brand: Optional[str],
+                              category: Optional[str]) -> Optional[dict[str, Any]]:
+        """The recommendations for a user whose state is on their shard's board, scored here; None
+        when it is not there (or not usable: see profile_board.py) and the shard must answer."""
+        shard = shard_of(user_id, self.cfg.num_shards)
+        board = self.boards.get(shard)
+        if board is None:
+            return None
+        fingerprint = board.fingerprint()
+        if fingerprint != self.scoring_items.fingerprint:
+            if self.board_misses.get(shard) == fingerprint:
+                return None  # tried already: the shard applied the items files in another order
+            self._catch_up()
+            if fingerprint != self.scoring_items.fingerprint:
+                log.info("shard %d applied other items files than this replica: its reads go to it", shard)
+                self.board_misses[shard] = fingerprint
+                return None
+        packed = board.get(user_id)
+        if packed is None or board.fingerprint() != fingerprint:
+            return None
+        if not board.writer_alive():  # restarted: its new incarnation writes a new board
+            log.info("shard %d restarted: looking up its new board", shard)
+            self.readers.pop(shard, None)
+            self._drop_board(shard)
+            return None
+        state, _ = self.codec.unpack(user_id, packed, self.recommender.index.dim, counters=False)
+        return recommendation(self.recommender, state, k, exclude_seen, brand, category)
 
     def _require_token(self, authorization: Optional[str]) -> None:
         if not authorization or not authorization.startswith("Bearer "):
@@ -308,7 +356,7 @@ class Ingress:
         """Apply a batch of events; every accepted event is durable before the answer."""
         self._require_token(authorization)
         now = _now()
-        if any(e.item_id is not None and e.item_id not in self.known_items for e in body.events):
+        if any(e.item_id is not None and e.item_id not in self.recommender.index for e in body.events):
             self._catch_up()  # perhaps added through another replica
         events = []
         for i, raw in enumerate(body.events):
@@ -316,7 +364,7 @@ class Ingress:
             if data["ts"] is None:
                 data["ts"] = now
             try:
-                events.append(validate_event(data, self.known_items))
+                events.append(validate_event(data, self.recommender.index))
             except ValidationError as e:
                 return _client_error(422, ["body", "events", i, e.field], e.problem)
         await self._encode_new_texts(events)
@@ -343,9 +391,9 @@ class Ingress:
         items = pa.Table.from_pylist(rows, schema=ITEMS_SCHEMA)
         texts = [item_text(r["title"], r["brand"], r["categories"], r["description"]) for r in rows]
         vectors = np.asarray(await asyncio.gather(*(self.encoder.encode.remote(t) for t in texts)), dtype=np.float32)
-        new = sum(1 for r in rows if r["item_id"] not in self.known_items)
+        new = sum(1 for r in rows if r["item_id"] not in self.recommender.index)
         self.learned[ITEMS_LOG].append(items, vectors)  # durable before anything else sees the items
-        self.known_items.update(seen)
+        self._catch_up()
         await asyncio.gather(*(shard.sync_learned.remote() for shard in self.shards))
         log.info("upserted %d items (%d new)", len(rows), new)
         return ItemsOut(upserted=len(rows), new=new)
@@ -356,8 +404,11 @@ class Ingress:
                               category: Optional[str] = Query(None, max_length=200)):
         """The top-k items for the user (popular items for a user with no events yet)."""
         started = time.perf_counter()
-        answer = await self._read("recommend", user_id, k=k, exclude_seen=exclude_seen, brand=brand,
-                                  category=category)
+        answer = self._recommend_from_board(user_id, k, exclude_seen, brand, category)
+        self.reads["shard" if answer is None else "board"] += 1
+        if answer is None:
+            answer = await self._read("recommend", user_id, k=k, exclude_seen=exclude_seen, brand=brand,
+                                      category=category)
         _metrics().recommend_seconds.observe(time.perf_counter() - started)
         return JSONResponse(answer)  # plain JSON types already: skips FastAPI's jsonable_encoder walk
 
@@ -379,9 +430,11 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self):
-        """Up when every shard actor answers."""
+        """Up when every shard actor answers; with how this replica answered recommendation reads
+        (scored from a shard's board, or by the shard)."""
         stats = await asyncio.gather(*(s.stats.remote() for s in self.shards))
-        return {"status": "ok", "shards": len(stats), "users": sum(s["users"] for s in stats)}
+        return {"status": "ok", "shards": len(stats), "users": sum(s["users"] for s in stats),
+                "replica_reads": dict(self.reads)}
 
 
 def build_app(cfg: ServeConfig, **ingress_options: Any):

@@ -12,7 +12,9 @@ tested directly. Rules:
 - `forget` removes the user from memory and rewrites the durable state without them.
 
 Users are held packed (packed.py, ~2.5 KB each with the defaults) and unpacked for each update
-or read, which keeps a million users in a few GB.
+or read, which keeps a million users in a few GB. With a board (profile_board.py), the packed
+state of each user written or read is also put there, before the write returns, for the ingress
+replicas of the node to score themselves.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ import numpy as np
 import pyarrow as pa
 
 from profilerec import storage
-from profilerec.packed import StateCodec, event_hash, remember
+from profilerec.packed import StateCodec, event_hash, max_packed_bytes, remember
+from profilerec.profile_board import BoardWriter
 from profilerec.profile import ProfileState, apply_event, states_from_table, states_to_table, top_counters
 from profilerec.recommend import Recommender
 from profilerec.schema import Event
 from profilerec.store import ShardStore
 
 log = logging.getLogger(__name__)
+
+DEDUP_WINDOW = 128  # event ids remembered per user
 
 
 def shard_of(user_id: str, num_shards: int) -> int:
@@ -65,6 +70,27 @@ def repartition(state_dir: str, old: int, new: int, recommender: Recommender) ->
     return table.num_rows
 
 
+def state_codec(recommender: Recommender) -> StateCodec:
+    """How the states scored by `recommender` are packed (item rows of its index)."""
+    index = recommender.index
+    return StateCodec(index.row, lambda row: index.item_ids[row], recommender.params.vector_dtype)
+
+
+def max_state_bytes(recommender: Recommender, dedup_window: int = DEDUP_WINDOW) -> int:
+    """The largest packed state of a shard scoring with `recommender` (a board's slot size)."""
+    params = recommender.params
+    return max_packed_bytes(recommender.index.dim, params.vector_dtype, params.window, params.max_counters,
+                            dedup_window)
+
+
+def recommendation(recommender: Recommender, state: ProfileState, k: int, exclude_seen: bool = False,
+                   brand: Optional[str] = None, category: Optional[str] = None) -> dict[str, Any]:
+    """The answer to a recommendation request for `state` (from a shard, or from an ingress
+    replica that read the state on a board)."""
+    items = recommender.recommend(state, k, exclude_seen, brand, category)
+    return {"user_id": state.user_id, "cold_start": state.long_sum is None, "items": items}
+
+
 def pseudonym(user_id: str) -> str:
     """A short non-reversible tag for a user id, for logs (ids are never logged in clear)."""
     return hashlib.blake2b(user_id.encode("utf-8"), digest_size=6, person=b"profilerec-log").hexdigest()
@@ -74,7 +100,7 @@ class ProfileShard:
     """Profiles of the users of one shard, durable through a ShardStore."""
 
     def __init__(self, shard: int, recommender: Recommender, store: ShardStore,
-                 snapshot_every: int = 50_000, dedup_window: int = 128):
+                 snapshot_every: int = 50_000, dedup_window: int = DEDUP_WINDOW, board: Optional[BoardWriter] = None):
         if recommender.params.window > 255 or recommender.params.max_counters > 255 or dedup_window > 65535:
             raise ValueError("a shard holds at most 255 window events, 255 counters and 65535 event ids per user")
         self.shard = shard
@@ -82,9 +108,9 @@ class ProfileShard:
         self.store = store
         self.snapshot_every = snapshot_every
         self.dedup_window = dedup_window
-        index = recommender.index
-        self.codec = StateCodec(index.row, lambda row: index.item_ids[row], recommender.params.vector_dtype)
+        self.codec = state_codec(recommender)
         self.users: dict[str, bytes] = {}  # user id -> packed state and event-id hashes
+        self.board = board
         self.since_snapshot = 0
         self._recover()
 
@@ -111,6 +137,8 @@ class ProfileShard:
     def forget(self, user_id: str) -> bool:
         """Remove the user from memory, log and snapshots; True when the shard knew the user."""
         known = self.users.pop(user_id, None) is not None
+        if self.board is not None:
+            self.board.remove(user_id)
         self.snapshot()  # the new snapshot lacks the user and replaces every older file
         log.info("shard %d forgot user %s", self.shard, pseudonym(user_id))
         return known
@@ -134,10 +162,12 @@ class ProfileShard:
 
     def recommend(self, user_id: str, k: int, exclude_seen: bool = False, brand: Optional[str] = None,
                   category: Optional[str] = None) -> dict[str, Any]:
-        """Top-k items for the user, with scores; cold-start users get popularity."""
-        state = self.state(user_id)
-        items = self.recommender.recommend(state, k, exclude_seen, brand, category)
-        return {"user_id": user_id, "cold_start": state.long_sum is None, "items": items}
+        """Top-k items for the user, with scores; cold-start users get popularity. The user goes on
+        the board: the next read of the same node need not come here."""
+        blob = self.users.get(user_id)
+        if blob is not None and self.board is not None:
+            self.board.put(user_id, blob)
+        return recommendation(self.recommender, self.state(user_id), k, exclude_seen, brand, category)
 
     def describe(self, user_id: str, explain_k: int = 3) -> Optional[dict[str, Any]]:
         """What the profile holds in words: interests, recent events, why the top items are chosen."""
@@ -186,7 +216,10 @@ class ProfileShard:
         state, hashes = self._unpack(event.user_id)
         meta = self.recommender.index.meta(event.item_id) if event.item_id is not None else None
         state = apply_event(state, event, self.recommender.vector_of(event), self.recommender.params, meta)
-        self.users[event.user_id] = self.codec.pack(state, remember(hashes, event_hash(event.event_id), self.dedup_window))
+        blob = self.codec.pack(state, remember(hashes, event_hash(event.event_id), self.dedup_window))
+        self.users[event.user_id] = blob
+        if self.board is not None:
+            self.board.put(event.user_id, blob)
 
     def _recover(self) -> None:
         started = time.perf_counter()

@@ -30,10 +30,11 @@ from profilerec.catalog import ITEMS_LOG, TEXTS_LOG, VectorLog
 from profilerec.config import ServeConfig, from_dict, to_dict
 from profilerec.encoder import text_hash
 from profilerec.errors import ShardRetired, ValidationError
+from profilerec.profile_board import BoardWriter
 from profilerec.read_channel import serve_reads, socket_path
 from profilerec.recommend import Recommender, load_profile_params, load_recommender
 from profilerec.schema import Event
-from profilerec.shard import ProfileShard, layout_root, repartition
+from profilerec.shard import ProfileShard, layout_root, max_state_bytes, repartition
 from profilerec.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,13 @@ def serving_logs(cfg: ServeConfig) -> dict[str, VectorLog]:
 
 
 def apply_learned(recommender: Recommender, logs: dict[str, VectorLog]) -> int:
-    """Apply the log files not applied yet to `recommender`; returns the rows applied."""
+    """Apply the files of `logs` (either or both of the two) not applied yet to `recommender`;
+    returns the rows applied."""
     applied = 0
-    for items, vectors in logs[ITEMS_LOG].unapplied():
+    for items, vectors in logs[ITEMS_LOG].unapplied() if ITEMS_LOG in logs else ():
         recommender.upsert_items(items, vectors)
         applied += items.num_rows
-    for texts, vectors in logs[TEXTS_LOG].unapplied():
+    for texts, vectors in logs[TEXTS_LOG].unapplied() if TEXTS_LOG in logs else ():
         recommender.text_vectors.update(zip(texts.column("text_hash").to_pylist(), vectors))
         applied += texts.num_rows
     return applied
@@ -88,8 +90,13 @@ class ShardActor:
         self.learned = serving_logs(self.cfg)
         # items and texts learned while serving come first: the log being recovered may use them
         recommender = load_serving_recommender(self.cfg, self.learned)
+        self.board: Optional[BoardWriter] = None
+        if self.cfg.board_users > 0:
+            self.board = BoardWriter(storage.process_file(name, ".board"), self.cfg.board_users,
+                                     max_state_bytes(recommender))
+            self.board.set_fingerprint(self.learned[ITEMS_LOG].fingerprint)
         store = ShardStore(layout_root(self.cfg.state_dir, self.cfg.num_shards), shard)
-        self.shard = ProfileShard(shard, recommender, store, snapshot_every=self.cfg.snapshot_every)
+        self.shard = ProfileShard(shard, recommender, store, snapshot_every=self.cfg.snapshot_every, board=self.board)
         self.metrics = ShardMetrics(shard)
         self.retired = False
         self.name = name
@@ -132,17 +139,22 @@ class ShardActor:
         return self._sync_learned()
 
     def _sync_learned(self) -> int:
-        return apply_learned(self.shard.recommender, self.learned)
+        applied = apply_learned(self.shard.recommender, self.learned)
+        if self.board is not None:  # before any state naming the new items' rows is put on it
+            self.board.set_fingerprint(self.learned[ITEMS_LOG].fingerprint)
+        return applied
 
-    async def read_address(self) -> dict[str, str]:
-        """Where this actor answers reads without a Ray call (read_channel.py): its node and socket."""
+    async def read_address(self) -> dict[str, Optional[str]]:
+        """Where this actor answers reads without a Ray call: its node, its socket (read_channel.py)
+        and its board (profile_board.py; None when off)."""
         import ray
 
         if self.reads is None:  # a future, so that callers arriving together share one server
             operations = {"recommend": self.shard.recommend, "describe": self.shard.describe}
             self.reads = asyncio.ensure_future(serve_reads(socket_path(self.name), operations))
         server = await self.reads
-        return {"node_id": ray.get_runtime_context().get_node_id(), "path": server.sockets[0].getsockname()}
+        return {"node_id": ray.get_runtime_context().get_node_id(), "path": server.sockets[0].getsockname(),
+                "board": self.board.path if self.board is not None else None}
 
     async def settings(self) -> dict[str, Any]:
         """The ServeConfig this shard runs with (as a dict)."""

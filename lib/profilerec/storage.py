@@ -8,6 +8,7 @@ A location is a local path (`work/prepared`), or a URI (`s3://bucket/prefix`, `g
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -205,6 +206,14 @@ def node_private_dir() -> str:
     folder = os.path.join(tempfile.gettempdir(), f"profilerec-{os.getuid()}")
     os.makedirs(folder, mode=0o700, exist_ok=True)
     return folder
+
+
+def process_file(name: str, suffix: str) -> str:
+    """A file of this process for the actor called `name`, in the node's private folder: the pid
+    tells incarnations apart, so a restarted actor never uses a stale file. A hash of the name,
+    not the name: socket paths are limited to ~100 bytes."""
+    tag = hashlib.blake2b(name.encode("utf-8"), digest_size=8).hexdigest()
+    return os.path.join(node_private_dir(), f"{tag}-{os.getpid()}{suffix}")
 
 
 def local_dir(location: str) -> str:
