@@ -1,6 +1,7 @@
 """A shard's board read by another reader, without Ray: what the ingress scores is what the shard
 would have answered, and a board that cannot be trusted is a miss."""
 
+import os
 import subprocess
 import sys
 
@@ -82,6 +83,7 @@ def test_a_reader_sees_its_writer_die_and_the_next_writer_removes_the_dead_board
     path = writer.stdout.readline().strip()
     reader = BoardReader(path)
     assert reader.writer_alive() and reader.get("alice") == b"state"
+    assert os.stat(path).st_blocks * 512 >= os.stat(path).st_size  # allocated: a full disk cannot SIGBUS a write
     writer.communicate("")  # the shard process ends (as when Ray kills it)
     assert not reader.writer_alive()
     reader.close()

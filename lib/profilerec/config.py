@@ -231,7 +231,8 @@ class ServeConfig:
     # its event loop (read_channel.py: yielding costs Serve a disconnect watch); 0 = always yield
     read_wait_ms: float = 5.0
     # users per shard whose packed profile is kept in shared memory for the ingress replicas of
-    # the node to score themselves (profile_board.py; ~3.2 KB each at most); 0 = reads go to the shard
+    # the node to score themselves (profile_board.py; 3.2 KB of the node's temp dir each, allocated
+    # when the shard starts); 0 = every read goes to the shard
     board_users: int = 65_536
     host: str = "127.0.0.1"
     port: int = 8000

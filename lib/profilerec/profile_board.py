@@ -91,16 +91,24 @@ class BoardWriter:
     """The board a shard writes; created empty, locked for the shard's lifetime."""
 
     def __init__(self, path: str, slots: int, max_state_bytes: int):
+        """Create the board at `path` with `slots` slots for packed states of at most
+        `max_state_bytes`; OSError when its folder has no room for it."""
         if slots < 1:
             raise ValueError("a profile board needs at least one slot")
         slot_size = slot_bytes(max_state_bytes)
         _remove_dead_boards(os.path.dirname(path))
         # locked under another name, then renamed: no one ever sees this board unlocked
         fd = os.open(path + ".new", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, HEADER_BYTES + slots * slot_size)  # sparse: pages appear as slots fill
-        os.pwrite(fd, FILE_HEADER.pack(MAGIC, slot_size, slots, 0), 0)
-        os.rename(path + ".new", path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # allocated up front: a full disk fails here, not as a SIGBUS when a slot is first written
+            os.posix_fallocate(fd, 0, HEADER_BYTES + slots * slot_size)
+            os.pwrite(fd, FILE_HEADER.pack(MAGIC, slot_size, slots, 0), 0)
+            os.rename(path + ".new", path)
+        except OSError:
+            os.close(fd)
+            os.remove(path + ".new")
+            raise
         self.board = _Board(path, fd, writable=True)
 
     @property

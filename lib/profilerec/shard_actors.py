@@ -92,9 +92,13 @@ class ShardActor:
         recommender = load_serving_recommender(self.cfg, self.learned)
         self.board: Optional[BoardWriter] = None
         if self.cfg.board_users > 0:
-            self.board = BoardWriter(storage.process_file(name, ".board"), self.cfg.board_users,
-                                     max_state_bytes(recommender))
-            self.board.set_fingerprint(self.learned[ITEMS_LOG].fingerprint)
+            location = storage.process_file(name, ".board")
+            try:
+                self.board = BoardWriter(location, self.cfg.board_users, max_state_bytes(recommender))
+                self.board.set_fingerprint(self.learned[ITEMS_LOG].fingerprint)
+            except OSError as error:
+                log.warning("profile shard %d runs without a board, so every read of its users goes to it: "
+                            "could not create %s (%s); free space there or lower board_users", shard, location, error)
         store = ShardStore(layout_root(self.cfg.state_dir, self.cfg.num_shards), shard)
         self.shard = ProfileShard(shard, recommender, store, snapshot_every=self.cfg.snapshot_every, board=self.board)
         self.metrics = ShardMetrics(shard)
