@@ -136,9 +136,10 @@ def noop_app():
     return Noop.bind()
 
 
-async def run_phases(args: argparse.Namespace, base: str, token: str,
-                     items: list[str]) -> tuple[list[tuple[PhaseResult, str]], dict[str, int]]:
-    """The phases' results, and how the ingress answered recommendation reads (board / shard)."""
+async def run_phases(args: argparse.Namespace, base: str, token: str, items: list[str]
+                     ) -> tuple[list[tuple[PhaseResult, str]], list[PhaseResult], dict[str, int]]:
+    """Every phase's result (with its unit), the alternating recommendation phases (the floor
+    first), and how the ingress answered recommendation reads (board / shard)."""
     users = [f"bench-user-{n}" for n in range(args.users)]
     headers = {"Authorization": f"Bearer {token}"}
     connector = aiohttp.TCPConnector(limit=0)
@@ -190,7 +191,7 @@ async def run_phases(args: argparse.Namespace, base: str, token: str,
         results += [(mixed_recs, "req"), (mixed_events, "events")]
         async with session.get(f"{base}/healthz") as response:
             reads = (await response.json())["replica_reads"]
-    return results, reads
+    return results, [result for result, _ in sides], reads
 
 
 def main() -> None:
@@ -234,13 +235,12 @@ def main() -> None:
         storage.delete(socket_cfg.state_dir)
         serve.run(build_app(socket_cfg), name="profilerec-bench-socket", route_prefix="/socket")
     items = read_prepared(cfg.prepared).items.column("item_id").to_pylist()
-    results, reads = asyncio.run(run_phases(args, f"http://127.0.0.1:{args.port}", api_token(cfg), items))
+    results, sides, reads = asyncio.run(run_phases(args, f"http://127.0.0.1:{args.port}", api_token(cfg), items))
 
     print(f"\nmachine: {platform.node()} ({os.cpu_count()} cores), Ray Serve on localhost, "
           f"{args.num_shards} profile shards, {len(items)} items, durability on (fsync per batch)")
     for result, unit in results:
         print(result.line(unit))
-    sides = [result for result, _ in results if result.name.startswith("1.") or result.name.startswith("2")]
     noop = sides[0]
     print()
     for ours in sides[1:]:
@@ -256,7 +256,7 @@ def main() -> None:
               + f"; total {sum(per_request.values()):.2f} ms")
     print(f"recommendation reads the ingress scored from a shard's board: {reads['board']}, "
           f"that went to the shard: {reads['shard']}")
-    events = next(result for result, _ in results if result.name.startswith("3."))
+    events = results[len(sides)][0]  # the phase right after the alternating ones
     print(f"events accepted: {events.units / events.seconds:.0f}/s with durability on (goal >= 1000/s)")
     serve.delete("profilerec-bench")
     if args.compare_socket:

@@ -45,8 +45,9 @@ import numpy as np
 MAGIC = b"PRBOARD1"
 FILE_HEADER = struct.Struct("<8sIIQ")
 HEADER_BYTES = 64
-SLOT_HEADER = struct.Struct("<16sII")  # after the sequence number
-SLOT_HEADER_BYTES = 8 + SLOT_HEADER.size
+SLOT_HEADER = struct.Struct("<16sII")  # user key, length, CRC-32: after the 8-byte sequence number
+KEY_AT = 8
+SLOT_HEADER_BYTES = KEY_AT + SLOT_HEADER.size
 FINGERPRINT_AT = 16
 READ_TRIES = 3
 
@@ -132,14 +133,14 @@ class BoardWriter:
         """Take the user off the board, if their slot holds them."""
         key = user_key(user_id)
         i, at = self.board.slot(key)
-        if self.board.mm[at + 8:at + 24] == key:
+        if self.board.mm[at + KEY_AT:at + KEY_AT + len(key)] == key:
             self._write(i, at, bytes(16), b"")
 
     def _write(self, i: int, at: int, key: bytes, state: bytes) -> None:
         board = self.board
         seq = int(board.seqs[i])
         board.seqs[i] = seq + 1  # odd: readers keep away
-        board.mm[at + 8:at + SLOT_HEADER_BYTES] = SLOT_HEADER.pack(key, len(state), zlib.crc32(state))
+        board.mm[at + KEY_AT:at + SLOT_HEADER_BYTES] = SLOT_HEADER.pack(key, len(state), zlib.crc32(state))
         board.mm[at + SLOT_HEADER_BYTES:at + SLOT_HEADER_BYTES + len(state)] = state
         board.seqs[i] = seq + 2
 
@@ -168,7 +169,7 @@ class BoardReader:
             seq = int(board.seqs[i])
             if seq & 1:
                 continue
-            held, length, crc = SLOT_HEADER.unpack(board.mm[at + 8:at + SLOT_HEADER_BYTES])
+            held, length, crc = SLOT_HEADER.unpack(board.mm[at + KEY_AT:at + SLOT_HEADER_BYTES])
             start = at + SLOT_HEADER_BYTES
             state = board.mm[start:start + min(length, board.slot_size - SLOT_HEADER_BYTES)]
             if int(board.seqs[i]) != seq:

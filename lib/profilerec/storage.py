@@ -202,7 +202,7 @@ def write_table(table: pa.Table, location: str, durable: bool = False) -> None:
 
 def node_private_dir() -> str:
     """This user's private folder in the node's temp dir (owner-only), for files the processes of
-    one node share: shard read sockets, the memory-mapped event-text vectors."""
+    one node share: shard read sockets and profile boards, the memory-mapped event-text vectors."""
     folder = os.path.join(tempfile.gettempdir(), f"profilerec-{os.getuid()}")
     os.makedirs(folder, mode=0o700, exist_ok=True)
     return folder

@@ -2,11 +2,12 @@
 
 Event texts (search queries, review texts) grow without bound: the encode job may leave millions
 of vectors, 1.5 KB each, and every profile shard needs all of them, because any user may send any
-text. As a dict of arrays each shard held about 1.8 KB per text. Here the vectors of an embeddings
-folder are copied once per node into a local `.npy` file and memory-mapped read-only: the pages
-live in the page cache, shared by every shard on the node and dropped under memory pressure, and a
-process keeps only the sorted 12-byte hashes and their row numbers (20 bytes per text). Texts
-learned while serving are few and stay in a dict on top.
+text. As a dict of arrays each shard held about 4 KB per text (bench/text_memory.py). Here the
+vectors of an embeddings folder are copied once per node into a local `.f32` file (hashes beside
+it in a `.npy`) and memory-mapped read-only: the pages live in the page cache, shared by every
+shard on the node and dropped under memory pressure, and a process keeps only the sorted 12-byte
+hashes and their row numbers (20 bytes per text). Texts learned while serving are few and stay in
+a dict on top.
 
 The local copy is named after the embeddings folder's files (paths, sizes, modification times), so
 a re-run of the encode job gets a new copy; copies are written under a temporary name and renamed,
