@@ -26,8 +26,10 @@ Prints p50/p95/p99 latency, achieved throughput and errors per phase, then the r
 phases 2 (and 2b) to phase 1 (pooled, and the p50 ratio of each round), and the CPU each kind
 of Ray process spent per request in each of them (from /proc, Linux only): on a small machine
 latency follows the CPU a request costs; then how many recommendation reads the ingress scored
-itself from a shard's board (profile_board.py) and how many went to the shard. The load
-generator runs on the same machine and takes CPU from the server.
+itself from a shard's board (profile_board.py) and how many went to the shard; and what the rest
+of the machine did meanwhile (CPU stolen by the hypervisor, the load generator, other processes):
+the same no-op request took 1.5x more CPU on a day this VM's host was busy. The load generator
+runs on the same machine and takes CPU from the server.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class PhaseResult:
     errors: dict[str, int] = field(default_factory=dict)
     units: int = 0  # requests, or events for event phases
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # CPU spent by Ray process kind
+    host_seconds: dict[str, float] = field(default_factory=dict)  # the rest of the machine: see add_host_spent
     round_p50_ms: list[float] = field(default_factory=list)  # p50 of each slice, when run in rounds
 
     def percentile_ms(self, q: float) -> float:
@@ -119,6 +122,31 @@ def add_cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[s
         spent[title] = spent.get(title, 0.0) + seconds - before.get(pid, (title, 0.0))[1]
 
 
+def host_cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far, summed over the cores (Linux /proc/stat; empty elsewhere): busy in any
+    process, stolen by the hypervisor (another VM had the core), and spent by this process."""
+    if not os.path.exists("/proc/stat"):
+        return {}
+    with open("/proc/stat") as f:
+        user, nice, system, _, _, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    tick, own = os.sysconf("SC_CLK_TCK"), os.times()
+    return {"busy": (user + nice + system + irq + softirq) / tick, "stolen": steal / tick,
+            "load generator": own.user + own.system}
+
+
+def add_host_spent(before: dict[str, float], after: dict[str, float], ray_workers: float,
+                   spent: dict[str, float]) -> None:
+    """Add to `spent` what the machine did between two host_cpu_seconds() besides the Ray workers'
+    `ray_workers` CPU seconds: stolen time, the load generator, and everything else (Ray's daemons,
+    other programs). A side measured while these were high ran on a slower machine."""
+    if not before:
+        return
+    delta = {key: after[key] - before[key] for key in before}
+    for key, value in (("stolen", delta["stolen"]), ("load generator", delta["load generator"]),
+                       ("other", delta["busy"] - ray_workers - delta["load generator"])):
+        spent[key] = spent.get(key, 0.0) + value
+
+
 def noop_app():
     """The floor: the same HTTP route shape, answered with a constant."""
     from fastapi import FastAPI
@@ -173,9 +201,12 @@ async def run_phases(args: argparse.Namespace, base: str, token: str, items: lis
             sides.append((PhaseResult("2b. same, every read to the shard (no board)", 0), "/socket"))
         for _ in range(args.rounds):
             for result, prefix in sides:
-                before, seen = ray_cpu_seconds(), len(result.latencies)
+                before, host_before, seen = ray_cpu_seconds(), host_cpu_seconds(), len(result.latencies)
+                ray_before = sum(result.cpu_seconds.values())
                 await open_loop(session, args.rate, args.seconds / args.rounds, recs(prefix), result)
                 add_cpu_spent(before, ray_cpu_seconds(), result.cpu_seconds)
+                add_host_spent(host_before, host_cpu_seconds(), sum(result.cpu_seconds.values()) - ray_before,
+                               result.host_seconds)
                 result.round_p50_ms.append(float(np.percentile(result.latencies[seen:], 50)) * 1000)
         results += [(result, "req") for result, _ in sides]
         batches = args.event_rate / args.batch
@@ -254,6 +285,12 @@ def main() -> None:
         print(f"CPU per request, Ray processes ({result.name.split(' ')[0]} phase): "
               + ", ".join(f"{title} {ms:.2f} ms" for title, ms in per_request.items() if ms >= 0.05)
               + f"; total {sum(per_request.values()):.2f} ms")
+    for result in sides:
+        if result.host_seconds:
+            cores = {key: s / result.seconds for key, s in result.host_seconds.items()}
+            print(f"rest of the machine ({result.name.split(' ')[0]} phase), in cores: stolen by the hypervisor "
+                  f"{cores['stolen']:.2f}, load generator {cores['load generator']:.2f}, everything but Ray "
+                  f"workers {cores['other']:.2f} (Ray's daemons included)")
     print(f"recommendation reads the ingress scored from a shard's board: {reads['board']}, "
           f"that went to the shard: {reads['shard']}")
     events = results[len(sides)][0]  # the phase right after the alternating ones
