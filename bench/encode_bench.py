@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,22 +37,10 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
+from machine import describe  # bench/machine.py (the script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "lib" / "profilerec" / "sample_data" / "amazon-industrial-sample"
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.node()}: {cores} cores ({cpu}), {gpu}, torch {torch.__version__}"
 
 
 class TextMaker:
@@ -133,7 +120,7 @@ def side_by_side(args: argparse.Namespace) -> None:
         item_list = items.column("text").to_pylist()
         log_texts = item_list + [t for _ in range(args.repeat) for t in events]
         distinct = len(set(item_list) | set(events))
-        print(f"machine: {machine()}")
+        print(f"machine: {describe()}")
         print(f"texts: {len(item_list)} item texts + {len(events)} distinct event texts x {args.repeat} "
               f"= {len(log_texts)} log texts ({distinct} distinct); max_length {args.max_length}")
 
@@ -169,7 +156,8 @@ def side_by_side(args: argparse.Namespace) -> None:
         ours_rate, st_rate = len(log_texts) / ours_s, len(log_texts) / st_s
         print(f"ours  (jobs/encode path, Ray Data + Parquet, {precision}, {manifest['encoded']} texts encoded): "
               f"{ours_s:.1f} s = {ours_rate:.1f} log texts/s ({manifest['encoded'] / ours_s:.1f} distinct texts/s; "
-              f"model-only part {manifest['encoded'] / max(manifest['encode_seconds'], 1e-9):.1f} texts/s)")
+              f"the encoding step alone (Ray Data start-up included) "
+              f"{manifest['encoded'] / max(manifest['encode_seconds'], 1e-9):.1f} texts/s)")
         print(f"sentence-transformers {st_s:.1f} s = {st_rate:.1f} texts/s (fp32, batch {args.st_batch_size})")
         print(f"ratio ours / sentence-transformers: {ours_rate / st_rate:.2f}x")
         print(f"cosine ours vs fp32 sentence-transformers: min {cosine.min():.5f} mean {cosine.mean():.5f} "
@@ -299,7 +287,7 @@ def main() -> None:
                         help="memory mode: at most this many distinct event texts (default: about events / 20)")
     args = parser.parse_args()
     if args.log_events:
-        print(f"machine: {machine()}", flush=True)
+        print(f"machine: {describe()}", flush=True)
         for n in args.log_events:
             memory_run(args, n)
     else:

@@ -90,7 +90,10 @@ def tiny_work(tmp_path_factory, ray_session):
     source = write_tiny_amazon(base / "source")
     work = base / "work"
     prepare(PrepareConfig(source="amazon", input=str(source), output=str(work / "prepared")))
-    run_encode(EncodeConfig(input=str(work / "prepared"), output=str(work / "embeddings")), use_gpu=False)
+    # fp32 on every machine (auto is bf16 on CPUs with AMX): tests compare vectors with TextEncoder's
+    # fp32 output; test_encode_job.py covers bf16
+    run_encode(EncodeConfig(input=str(work / "prepared"), output=str(work / "embeddings"), precision="fp32"),
+               use_gpu=False)
     run_train(TrainConfig(input=str(work / "prepared"), embeddings=str(work / "embeddings"), output=str(work / "model"),
                           epochs=4, patience=4, storage_path=str(base / "ray_train")))
     run_profiles(ProfilesConfig(input=str(work / "prepared"), embeddings=str(work / "embeddings"),

@@ -3,12 +3,14 @@
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pytest
 
 from profilerec import storage
 from profilerec.config import EncodeConfig
 from profilerec.datasets import PreparedData, read_prepared, write_prepared
-from profilerec.embeddings import item_texts, read_embeddings, run_encode, vectors_from_arrow
+from profilerec.embeddings import item_texts, read_embeddings, resolve_precision, run_encode, vectors_from_arrow
 from profilerec.encoder import TextEncoder, text_hash
+from profilerec.errors import ConfigError
 from profilerec.schema import CASES_SCHEMA, InvalidRows, clean_events, clean_items
 
 
@@ -33,7 +35,7 @@ def test_each_distinct_event_text_is_encoded_once(tmp_path, ray_session):
     cases = pa.table({"user_id": ["v"], "target_event_id": ["e4"], "split": ["test"]}, schema=CASES_SCHEMA)
     write_prepared(PreparedData(events, items, cases, None), str(tmp_path / "prepared"))
     manifest = run_encode(EncodeConfig(input=str(tmp_path / "prepared"), output=str(tmp_path / "emb"),
-                                       num_actors=2, num_cpus_per_actor=0.5), use_gpu=False)
+                                       num_actors=2, num_cpus_per_actor=0.5, precision="fp32"), use_gpu=False)
     assert manifest["counts"] == {"items": 2, "texts": 2}
     table = read_embeddings(str(tmp_path / "emb"), "texts")
     got = dict(zip(table.column("text_hash").to_pylist(), vectors_from_arrow(table.column("vector"))))
@@ -43,27 +45,29 @@ def test_each_distinct_event_text_is_encoded_once(tmp_path, ray_session):
     np.testing.assert_allclose(got[text_hash("saw blade")], direct[1], atol=2e-5)
 
 
-def test_a_rerun_on_a_grown_log_encodes_only_the_new_texts(tmp_path, ray_session):
+def write_search_log(folder, texts):
+    """Prepared data of two items and one user's search events with `texts`, in `folder`."""
     items = clean_items(pd.DataFrame({"item_id": ["1", "2"], "title": ["red drill", "blue saw"]}), InvalidRows())
+    n = len(texts)
+    events = clean_events(pd.DataFrame({
+        "event_id": [f"e{i}" for i in range(n)], "user_id": ["u"] * n, "item_id": ["1"] * n,
+        "type": ["search"] * n, "ts": [1.0e9 + i for i in range(n)], "text": texts,
+    }), {"1", "2"}, InvalidRows())
+    cases = pa.table({"user_id": ["u"], "target_event_id": ["e0"], "split": ["test"]}, schema=CASES_SCHEMA)
+    write_prepared(PreparedData(events, items, cases, None), str(folder))
 
-    def write(texts):
-        n = len(texts)
-        events = clean_events(pd.DataFrame({
-            "event_id": [f"e{i}" for i in range(n)], "user_id": ["u"] * n, "item_id": ["1"] * n,
-            "type": ["search"] * n, "ts": [1.0e9 + i for i in range(n)], "text": texts,
-        }), {"1", "2"}, InvalidRows())
-        cases = pa.table({"user_id": ["u"], "target_event_id": ["e0"], "split": ["test"]}, schema=CASES_SCHEMA)
-        write_prepared(PreparedData(events, items, cases, None), str(tmp_path / "prepared"))
 
+def test_a_rerun_on_a_grown_log_encodes_only_the_new_texts(tmp_path, ray_session):
     cfg = EncodeConfig(input=str(tmp_path / "prepared"), output=str(tmp_path / "emb"), num_actors=1,
-                       num_cpus_per_actor=0.5)
-    write(["cordless drill", "saw blade", "cordless drill"])
+                       num_cpus_per_actor=0.5, precision="fp32")
+    write_search_log(tmp_path / "prepared", ["cordless drill", "saw blade", "cordless drill"])
     first = run_encode(cfg, use_gpu=False)
     assert first["encoded"] == 4  # 2 item texts + 2 distinct event texts
     cache = storage.read_table(first["cache"])
     assert cache.num_rows == 4
 
-    write(["cordless drill", "saw blade", "cordless drill", "drill bits", "saw blade", "wood glue"])
+    write_search_log(tmp_path / "prepared",
+                     ["cordless drill", "saw blade", "cordless drill", "drill bits", "saw blade", "wood glue"])
     second = run_encode(cfg, use_gpu=False)
     assert second["encoded"] == 2 and second["cache"] == first["cache"]
     assert storage.read_table(first["cache"]).num_rows == 6  # only the two new texts were added
@@ -74,3 +78,25 @@ def test_a_rerun_on_a_grown_log_encodes_only_the_new_texts(tmp_path, ray_session
     direct = TextEncoder().encode(texts)
     for text, vector in zip(texts, direct):
         np.testing.assert_allclose(got[text_hash(text)], vector, atol=2e-5)
+
+
+def test_bf16_vectors_stay_within_cosine_0_999_of_fp32_in_a_cache_of_their_own(tmp_path, ray_session):
+    texts = ["cordless drill", "saw blade with 40 carbide teeth for hardwood and plywood", "wood glue"]
+    write_search_log(tmp_path / "prepared", texts)
+    runs = {precision: run_encode(EncodeConfig(input=str(tmp_path / "prepared"), output=str(tmp_path / precision),
+                                               num_actors=1, num_cpus_per_actor=0.5, precision=precision,
+                                               cache=str(tmp_path / "cache")), use_gpu=False)
+            for precision in ("fp32", "bf16")}
+    assert runs["bf16"]["precision"] == "bf16" and runs["bf16"]["encoded"] == 5  # nothing taken from fp32's cache
+    assert runs["bf16"]["cache"] != runs["fp32"]["cache"]
+    table = read_embeddings(str(tmp_path / "bf16"), "texts")
+    got = dict(zip(table.column("text_hash").to_pylist(), vectors_from_arrow(table.column("vector"))))
+    cosine = [float(got[text_hash(t)] @ v) for t, v in zip(texts, TextEncoder().encode(texts))]
+    assert min(cosine) >= 0.999, cosine
+
+
+def test_an_unknown_precision_is_refused_with_the_choices():
+    with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16, int8, not 'fp16'"):
+        resolve_precision(EncodeConfig(precision="fp16"), use_gpu=False)
+    with pytest.raises(ConfigError, match="precision must be one of fp32, bf16, int8"):
+        TextEncoder(precision="fp16")

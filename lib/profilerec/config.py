@@ -77,8 +77,8 @@ class EncodeConfig:
     # padded tokens per model call: texts are sorted by token length and batched up to this budget
     # (at most 8 x batch_size rows), so short texts go in big batches and nothing pads to 128
     token_budget: int = 2048
-    # auto: bf16 on GPUs, fp32 on CPUs; int8 (CPU, dynamic quantisation: faster, but some vectors
-    # fall below cosine 0.99 to fp32, see docs/encoding.md); fp32; bf16
+    # auto: bf16 on GPUs and on CPUs with bf16 matrix hardware (AMX), else fp32; int8 (CPU, dynamic
+    # quantisation: faster, but some vectors fall below cosine 0.99 to fp32, see docs/encoding.md); fp32; bf16
     precision: str = "auto"
     num_actors: int = 1
     num_gpus_per_actor: Optional[float] = None  # None: 1 when the cluster has GPUs, else 0
@@ -116,7 +116,8 @@ class FinetuneConfig:
     # torch threads per worker; None: the node's cores shared by the workers on it (Ray starts
     # workers with OMP_NUM_THREADS=1, which would leave all but one core idle)
     threads_per_worker: Optional[int] = None
-    # bf16 autocast (mixed precision); None: on for CUDA GPUs that support bf16, off on CPU
+    # bf16 autocast (mixed precision); None: on for CUDA GPUs that support bf16 and for CPUs with
+    # bf16 matrix hardware (AMX), off elsewhere
     bf16: Optional[bool] = None
     seed: int = 0
     storage_path: Optional[str] = None  # Ray Train checkpoints; None = <output>/../ray_train

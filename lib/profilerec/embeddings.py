@@ -29,14 +29,13 @@ import pyarrow.parquet as pq
 
 from profilerec import storage
 from profilerec.config import EncodeConfig
-from profilerec.encoder import (TextEncoder, load_tokenizer, model_fingerprint, resolve_model_path, text_hash,
-                                token_ids)
+from profilerec.encoder import (PRECISIONS, TextEncoder, cpu_multiplies_bf16, load_tokenizer, model_fingerprint,
+                                resolve_model_path, text_hash, token_ids)
 from profilerec.errors import ConfigError, DataError
 from profilerec.schema import item_text
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "int8", "bf16")
 SCAN_ROWS = 1 << 16  # rows per streamed batch when reading the events and the cache
 
 
@@ -57,8 +56,7 @@ class EncodeBatch:
             # Ray sets OMP_NUM_THREADS=1 in workers; the encoder actor owns its share of the cores
             torch.set_num_threads(threads)
         self.encoder = TextEncoder(model, max_length=max_length, batch_size=batch_size, token_budget=token_budget,
-                                   quantize=precision == "int8",
-                                   dtype=torch.bfloat16 if precision == "bf16" else None)
+                                   precision=precision)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = batch.column("ids").combine_chunks()
@@ -94,12 +92,13 @@ def item_texts(items: pa.Table) -> pa.Table:
 
 
 def resolve_precision(cfg: EncodeConfig, use_gpu: bool) -> str:
-    """The precision the encoder runs at: `auto` is bf16 on a GPU and fp32 on a CPU (int8 is an
-    option: faster on CPUs but below cosine 0.99 to fp32 for some texts; docs/encoding.md)."""
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {cfg.precision!r}")
+    """The precision the encoder runs at: `auto` is bf16 on a GPU and on a CPU that multiplies bf16
+    in hardware (AMX; the CPU of the node this runs on is the one checked), else fp32. int8 is an
+    option: faster on CPUs but below cosine 0.99 to fp32 for some texts; docs/encoding.md."""
+    if cfg.precision not in ("auto",) + PRECISIONS:
+        raise ConfigError(f"precision must be one of auto, {', '.join(PRECISIONS)}, not {cfg.precision!r}")
     if cfg.precision == "auto":
-        return "bf16" if use_gpu else "fp32"
+        return "bf16" if use_gpu or cpu_multiplies_bf16() else "fp32"
     if cfg.precision == "int8" and use_gpu:
         raise ConfigError("precision int8 is for CPU encoding; use bf16 or fp32 on GPUs")
     return cfg.precision

@@ -225,8 +225,9 @@ class Encoder:
         cfg = from_dict(ServeConfig, config)
         # the model and settings recorded by the encode job, so new vectors match the index
         manifest = storage.read_json(storage.join(cfg.embeddings, "manifest.json"))
-        self.encoder = TextEncoder(manifest["model"], max_length=manifest["max_length"])
-        log.info("encoder ready: %s on %s", manifest["model"], self.encoder.device)
+        self.encoder = TextEncoder(manifest["model"], max_length=manifest["max_length"],
+                                   precision=manifest.get("precision", "fp32"))
+        log.info("encoder ready: %s on %s (%s)", manifest["model"], self.encoder.device, self.encoder.precision)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
     async def encode(self, texts: list[str]) -> list[list[float]]:
