@@ -1,6 +1,7 @@
 """Training throughput: the Ray Train jobs against a plain single-process PyTorch loop.
 
     flock /tmp/cpu.lock python bench/train_bench.py [--steps 16] [--rounds 2] [--batch_size 32] [--workers 1 2]
+                                                    [--bf16 auto|on|off]
 
 Encoder fine-tuning (`jobs/finetune.py`, run_finetune on a TorchTrainer) against a plain PyTorch
 loop (same model, same cases in the same batches, the library's own loss training.case_loss):
@@ -11,6 +12,8 @@ shows. Then the job with each other worker count, on the same number of samples 
 1/n as often). Only steady-state steps count: the job times its own steps (StepTimer; Ray start,
 model load, validation and checkpoints are left out) and writes the rate into the run's history,
 which this script reads from the manifest; the plain loop leaves out its first step the same way.
+Both sides train on the same device at the same precision: bf16 autocast where the job turns it
+on (FinetuneConfig.bf16: by default on CUDA GPUs and on CPUs with AMX; --bf16 on/off forces it).
 
 The profile scorer (`jobs/train.py`, run_train) is compared with scorer_training.train_epoch in
 this process (epochs after the first), then run through Ray Train with one worker and with two.
@@ -29,7 +32,6 @@ import logging
 import math
 import multiprocessing
 import os
-import platform
 import tempfile
 import time
 from typing import Any, Callable, Optional
@@ -38,19 +40,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.node()} ({len(os.sched_getaffinity(0))} cores, {gpu}), torch {torch.__version__}"
+from machine import describe  # bench/machine.py (the script's folder is on sys.path)
 
 
 def plain_finetune(cfg, nice: int = 0, threads: Optional[int] = None) -> dict[str, Any]:
     """Samples/s of a single-process loop over the batches the job's first epoch trains on, run
     at niceness `nice` with `threads` torch threads (call it in a fresh process: see plain_in_process)."""
     from profilerec.datasets import read_prepared
-    from profilerec.encoder import TextEncoder
+    from profilerec.encoder import TextEncoder, pick_device
     from profilerec.profile import ProfileParams
-    from profilerec.training import _item_texts, case_loss, epoch_batches, finetune_cases
+    from profilerec.training import _item_texts, bf16_enabled, case_loss, epoch_batches, finetune_cases
 
     if nice > os.nice(0):
         os.nice(nice - os.nice(0))
@@ -61,12 +60,15 @@ def plain_finetune(cfg, nice: int = 0, threads: Optional[int] = None) -> dict[st
     train_cases, _ = finetune_cases(data, cfg, params)
     texts = _item_texts(data.items)
     torch.manual_seed(cfg.seed)
-    encoder = TextEncoder(cfg.model, max_length=cfg.max_length)
+    device = pick_device()  # where the job trains: a GPU when there is one
+    use_bf16 = bf16_enabled(cfg.bf16, device)  # the job's own choice of autocast
+    encoder = TextEncoder(cfg.model, device=str(device), max_length=cfg.max_length)
     encoder.model.train()
     optimizer = torch.optim.AdamW(encoder.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     since, samples, steps = None, 0, 0
     for rows in epoch_batches(len(train_cases), cfg, epoch=0):
-        loss = case_loss(encoder, [train_cases[i] for i in rows], texts, params, cfg.temperature)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = case_loss(encoder, [train_cases[i] for i in rows], texts, params, cfg.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(encoder.model.parameters(), 1.0)
@@ -78,7 +80,7 @@ def plain_finetune(cfg, nice: int = 0, threads: Optional[int] = None) -> dict[st
             samples += len(rows)
     seconds = time.perf_counter() - since
     return {"samples_per_s": samples / seconds, "steady_steps": steps - 1, "torch_threads": torch.get_num_threads(),
-            "interop_threads": torch.get_num_interop_threads(), "nice": os.nice(0)}
+            "interop_threads": torch.get_num_interop_threads(), "bf16": use_bf16, "nice": os.nice(0)}
 
 
 def plain_in_process(cfg, nice: int, threads: int) -> dict[str, Any]:
@@ -97,7 +99,7 @@ def ray_finetune(cfg) -> dict[str, Any]:
     epoch = next(h for h in manifest["history"] if h["epoch"] == 1)
     return {"samples_per_s": epoch["samples_per_s"], "steady_steps": epoch["steady_steps"],
             "torch_threads": epoch["torch_threads"], "interop_threads": epoch["interop_threads"],
-            "job_seconds": manifest["seconds"]}
+            "bf16": epoch["bf16"], "job_seconds": manifest["seconds"]}
 
 
 def ray_worker_conditions() -> dict[str, Any]:
@@ -228,18 +230,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--scorer_epochs", type=int, default=4, help="0 skips the scorer")
     parser.add_argument("--skip_finetune", action="store_true")
+    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                        help="bf16 autocast in fine-tuning, for the job and the plain loop alike (auto: the job's "
+                             "default, on for CUDA GPUs and CPUs with AMX)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     sample = os.path.join(os.path.dirname(__import__("profilerec").__file__), "sample_data", "amazon-industrial-sample")
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     with tempfile.TemporaryDirectory() as tmp:
         ray_cfg = RayConfig(num_cpus=4)  # logical CPUs: two 1-CPU workers plus Ray Train's own actors
         if not args.skip_finetune:
             prepare(PrepareConfig(source="amazon", input=sample, output=f"{tmp}/sample"))
             base = FinetuneConfig(input=f"{tmp}/sample", output=f"{tmp}/model", epochs=1, max_steps_per_epoch=args.steps,
                                   batch_size=args.batch_size, max_length=args.max_length, eval_max_cases=20,
-                                  ray=ray_cfg)
+                                  bf16={"auto": None, "on": True, "off": False}[args.bf16], ray=ray_cfg)
             print(f"\nencoder fine-tuning (all-MiniLM-L6-v2, batch {args.batch_size} cases, max_length "
                   f"{args.max_length}, {args.steps} steps per run, the first left out, Amazon Industrial sample):")
             compare_finetune(base, args.workers, args.rounds, tmp)
@@ -252,7 +257,6 @@ def main() -> None:
             print(f"\nprofile scorer ({os.path.basename(data)}, batch {base.batch_size} cases, "
                   f"{args.scorer_epochs} epochs, the first left out):")
             compare("jobs/train", base, plain_scorer, ray_scorer, args.workers, tmp, "scorer")
-        print("\nbf16 autocast (FinetuneConfig.bf16, on by default on CUDA GPUs): not measured here (no GPU).")
         ray.shutdown()
 
 
