@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -29,20 +28,11 @@ import time
 
 import numpy as np
 
+from machine import describe  # bench/machine.py (the script's folder is on sys.path)
+
 EVENTS_PER_USER = 10
 TYPES = np.array(["view", "click", "cart", "purchase"])
 TYPE_P = [0.55, 0.25, 0.1, 0.1]
-
-
-def machine() -> str:
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.node()}: {len(os.sched_getaffinity(0))} cores ({cpu or platform.machine()}), {mem:.0f} GiB, no GPU"
 
 
 def generate(folder: str, users: int, items: int, dim: int, seed: int = 0) -> dict:
@@ -197,7 +187,7 @@ def main() -> None:
         child(args.child, args.work, args.workers)
         return
 
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     print(f"log: N users x {EVENTS_PER_USER} events, {args.items:,} items with {args.dim}-dim embeddings; "
           f"each job in its own process (no Ray: both jobs run in-process, chunks of the log spread over "
           f"local worker processes), peak RSS = the job's process tree, summed")
@@ -216,7 +206,7 @@ def main() -> None:
             extra = {k: v for k, v in result.items() if k not in ("wall_s", "peak_rss_mib", "output", "seconds")}
             with open(os.path.join(args.work, "results.jsonl"), "a") as f:
                 f.write(json.dumps({**result, "users": users, "items": args.items, "dim": args.dim, "job": job,
-                                    "workers_setting": args.workers, "machine": machine()}) + "\n")
+                                    "workers_setting": args.workers, "machine": describe()}) + "\n")
             print(f"  {users:>9,} users  {job:<9} wall {result['wall_s']:8.1f} s   peak RSS {result['peak_rss_mib']:7,} MiB"
                   f"   {extra}", flush=True)
     # growth over every size measured so far with these settings on this machine (this run and
@@ -225,7 +215,7 @@ def main() -> None:
     with open(os.path.join(args.work, "results.jsonl")) as f:
         for line in f:
             r = json.loads(line)
-            if (r["items"], r["dim"], r["workers_setting"], r["machine"]) == (args.items, args.dim, args.workers, machine()):
+            if (r["items"], r["dim"], r["workers_setting"], r["machine"]) == (args.items, args.dim, args.workers, describe()):
                 latest[r["users"], r["job"]] = r
     for job in args.jobs:
         sizes = sorted(u for u, j in latest if j == job)

@@ -13,12 +13,12 @@ packed size, and the time to unpack, update and repack one user.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 
 import numpy as np
+
+from machine import describe  # bench/machine.py (the script's folder is on sys.path)
 
 
 def rss_bytes() -> int:
@@ -78,7 +78,7 @@ def main() -> None:
             shard._apply_one(event)
         update_us = (time.perf_counter() - started) / len(events) * 1e6
         assert event_hash("live-0") in shard._unpack("user-00000000")[1]
-    print(f"machine: {platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()})")
+    print(f"machine: {describe()}")
     print(f"users held: {args.users:,} (full profiles: window {params.window}, {params.max_counters} counters, "
           f"{shard.dedup_window} event-id hashes, {args.dim}-dim {params.vector_dtype} vectors)")
     print(f"resident memory added: {added / 2**20:,.0f} MiB = {added / args.users:,.0f} bytes per user")

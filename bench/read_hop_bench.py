@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import time
 
 import numpy as np
 import ray
 
 from profilerec.read_channel import ReadClient, serve_reads, socket_path
+
+from machine import describe  # bench/machine.py (the script's folder is on sys.path)
 
 
 @ray.remote(num_cpus=0.25)
@@ -69,7 +70,7 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     shard = Shard.remote()
     ingress = Ingress.remote(shard, ray.get(shard.read_address.remote()))
-    print(f"machine: {platform.node()} ({os.cpu_count()} cores), {args.requests} no-op reads at {args.rate:.0f}/s each way")
+    print(f"machine: {describe()}\n{args.requests} no-op reads at {args.rate:.0f}/s each way")
     ray.get(ingress.run.remote("socket", 100, args.rate))  # warm-up, both ways
     ray.get(ingress.run.remote("ray", 100, args.rate))
     p50 = {}

@@ -27,9 +27,9 @@ phases 2 (and 2b) to phase 1 (pooled, and the p50 ratio of each round), and the 
 of Ray process spent per request in each of them (from /proc, Linux only): on a small machine
 latency follows the CPU a request costs; then how many recommendation reads the ingress scored
 itself from a shard's board (profile_board.py) and how many went to the shard; and what the rest
-of the machine did meanwhile (CPU stolen by the hypervisor, the load generator, other processes):
-the same no-op request took 1.5x more CPU on a day this VM's host was busy. The load generator
-runs on the same machine and takes CPU from the server.
+of the machine did meanwhile (CPU stolen by the hypervisor, the load generator, other processes),
+as a side measured while these were high ran on a slower machine. The load generator runs on
+the same machine and takes CPU from the server.
 """
 
 from __future__ import annotations
@@ -38,13 +38,14 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import aiohttp
 import numpy as np
+
+from machine import describe  # bench/machine.py (the script's folder is on sys.path)
 
 
 @dataclass
@@ -268,7 +269,7 @@ def main() -> None:
     items = read_prepared(cfg.prepared).items.column("item_id").to_pylist()
     results, sides, reads = asyncio.run(run_phases(args, f"http://127.0.0.1:{args.port}", api_token(cfg), items))
 
-    print(f"\nmachine: {platform.node()} ({os.cpu_count()} cores), Ray Serve on localhost, "
+    print(f"\nmachine: {describe()}\nRay Serve on localhost, "
           f"{args.num_shards} profile shards, {len(items)} items, durability on (fsync per batch)")
     for result, unit in results:
         print(result.line(unit))

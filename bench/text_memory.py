@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from machine import describe  # bench/machine.py (the script's folder is on sys.path)
 
 
 def memory_bytes() -> dict[str, int]:
@@ -97,7 +98,7 @@ def main() -> None:
 
         results = {"reference (dict of arrays)": run("reference"), "ours, first load (writes the node copy)": run("ours"),
                    "ours, next process on the node": run("ours")}
-    print(f"machine: {platform.node()} ({os.cpu_count()} cores), {args.texts:,} texts of {args.dim} float32")
+    print(f"machine: {describe()}\n{args.texts:,} texts of {args.dim} float32")
     for name, r in results.items():
         print(f"{name:<42} private {r['anon'] / args.texts:8.1f} B/text  shared page cache {r['file'] / args.texts:8.1f} B/text"
               f"  load {r['load_s']:6.1f} s  lookup {r['lookup_us']:5.1f} us  found {r['found']}/{r['probed']}")
