@@ -46,13 +46,13 @@ class VectorLog:
         self.fingerprint = int.from_bytes(digest, "little")
 
     def append(self, rows: pa.Table, vectors: np.ndarray) -> str:
-        """Write `rows` with their `vectors` durably; returns the file name. The writer counts it
-        as applied: it updates its own state itself."""
+        """Write `rows` with their `vectors` durably; returns the file name. The writer applies the
+        file like any other, through unapplied(): so every process applies the files in name order,
+        and processes that applied the same files have the same fingerprint."""
         flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
         table = rows.append_column("vector", pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         storage.write_table(table, storage.join(self.root, name), durable=True)
-        self._applied(name)
         return name
 
     def unapplied(self) -> Iterator[tuple[pa.Table, np.ndarray]]:

@@ -30,7 +30,7 @@ from ray.serve.config import BackpressureConfig
 
 from profilerec import storage
 from profilerec.config import ServeConfig, from_dict, load_config, to_dict
-from profilerec.catalog import ITEMS_LOG, TEXTS_LOG, VectorLog
+from profilerec.catalog import ITEMS_LOG, TEXTS_LOG
 from profilerec.encoder import text_hash
 from profilerec.errors import ShardRetired, ValidationError
 from profilerec.schema import EVENT_TYPES, ITEMS_SCHEMA, MAX_ID_CHARS, MAX_TEXT_CHARS, item_text, validate_event
@@ -247,15 +247,15 @@ class Ingress:
         self.encoder = encoder
         app_name = serve.get_replica_context().app_name
         self.shards = open_shards(self.cfg, app_name)
-        # the same recommender as the shards, to score the states they put on their boards; its
-        # items log is applied in name order, as the shards apply theirs (catalog.py fingerprint)
-        self.scoring_items = VectorLog(self.cfg.state_dir, ITEMS_LOG)
-        self.recommender = load_serving_recommender(self.cfg, {ITEMS_LOG: self.scoring_items})
+        self.learned = serving_logs(self.cfg)
+        # the same recommender as the shards, to score the states they put on their boards: the
+        # same items files applied in the same order (catalog.py fingerprint). Texts learned while
+        # serving are only checked here, never scored, so their vectors stay out of it.
+        self.recommender = load_serving_recommender(self.cfg, {ITEMS_LOG: self.learned[ITEMS_LOG]})
         self.codec = state_codec(self.recommender)
         # hashes of the event texts encoded while serving (the encode job's are the recommender's
         # text_vectors, memory-mapped: text_vectors.py)
         self.learned_texts: set[str] = set()
-        self.learned = serving_logs(self.cfg)
         self._catch_up()
         self.token = api_token(self.cfg)
         self.readers: dict[int, Optional[ReadClient]] = {}  # shard -> its read socket (None: another node)
@@ -266,7 +266,7 @@ class Ingress:
 
     def _catch_up(self) -> None:
         """Learn the items and texts other replicas added."""
-        apply_learned(self.recommender, {ITEMS_LOG: self.scoring_items})
+        apply_learned(self.recommender, {ITEMS_LOG: self.learned[ITEMS_LOG]})
         for texts, _ in self.learned[TEXTS_LOG].unapplied():
             self.learned_texts.update(texts.column("text_hash").to_pylist())
 
@@ -326,11 +326,11 @@ class Ingress:
         if board is None:
             return None
         fingerprint = board.fingerprint()
-        if fingerprint != self.scoring_items.fingerprint:
+        if fingerprint != self.learned[ITEMS_LOG].fingerprint:
             if self.board_misses.get(shard) == fingerprint:
                 return None  # tried already: the shard applied the items files in another order
             self._catch_up()
-            if fingerprint != self.scoring_items.fingerprint:
+            if fingerprint != self.learned[ITEMS_LOG].fingerprint:
                 log.info("shard %d applied other items files than this replica: its reads go to it", shard)
                 self.board_misses[shard] = fingerprint
                 return None
