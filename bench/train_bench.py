@@ -6,9 +6,11 @@
 Encoder fine-tuning (`jobs/finetune.py`, run_finetune on a TorchTrainer) against a plain PyTorch
 loop (same model, same cases in the same batches, the library's own loss training.case_loss):
 Ray is started first and stays up, then for each of `--rounds` rounds the plain loop runs in a
-fresh process (at the niceness Ray gives its workers, with the torch threads of a one-worker job)
-and then the job with one worker; each round prints its own ratio, so the spread between rounds
-shows. Then the job with each other worker count, on the same number of samples (n workers step
+fresh process (at the niceness Ray gives its workers, with the torch threads of a one-worker job),
+once with glibc's default malloc and once with the malloc settings the job gives its Ray Train
+workers (cluster.TRAIN_WORKER_MALLOC), and then the job with one worker; each round prints its own
+ratios, so the spread between rounds shows: to the plain loop as anyone would run it (what the
+job gives), and to the plain loop with the job's malloc settings (what Ray Train itself costs). Then the job with each other worker count, on the same number of samples (n workers step
 1/n as often). Only steady-state steps count: the job times its own steps (StepTimer; Ray start,
 model load, validation and checkpoints are left out) and writes the rate into the run's history,
 which this script reads from the manifest; the plain loop leaves out its first step the same way.
@@ -83,12 +85,21 @@ def plain_finetune(cfg, nice: int = 0, threads: Optional[int] = None) -> dict[st
             "interop_threads": torch.get_num_interop_threads(), "bf16": use_bf16, "nice": os.nice(0)}
 
 
-def plain_in_process(cfg, nice: int, threads: int) -> dict[str, Any]:
+def plain_in_process(cfg, nice: int, threads: int, glibc_tunables: str = "") -> dict[str, Any]:
     """plain_finetune in a fresh process, as the job's Ray Train worker is (nothing left over from
-    an earlier run: no warm allocator, no loaded model, no idle torch threads of this driver)."""
+    an earlier run: no warm allocator, no loaded model, no idle torch threads of this driver),
+    started with GLIBC_TUNABLES=`glibc_tunables` ("": glibc's default malloc)."""
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(plain_finetune, cfg, nice, threads).result()
+    saved = os.environ.pop("GLIBC_TUNABLES", None)
+    if glibc_tunables:
+        os.environ["GLIBC_TUNABLES"] = glibc_tunables  # glibc reads it when the process starts
+    try:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+            return {**pool.submit(plain_finetune, cfg, nice, threads).result(), "glibc_tunables": glibc_tunables}
+    finally:
+        os.environ.pop("GLIBC_TUNABLES", None)
+        if saved is not None:
+            os.environ["GLIBC_TUNABLES"] = saved
 
 
 def ray_finetune(cfg) -> dict[str, Any]:
@@ -99,7 +110,7 @@ def ray_finetune(cfg) -> dict[str, Any]:
     epoch = next(h for h in manifest["history"] if h["epoch"] == 1)
     return {"samples_per_s": epoch["samples_per_s"], "steady_steps": epoch["steady_steps"],
             "torch_threads": epoch["torch_threads"], "interop_threads": epoch["interop_threads"],
-            "bf16": epoch["bf16"], "job_seconds": manifest["seconds"]}
+            "bf16": epoch["bf16"], "glibc_tunables": epoch["glibc_tunables"], "job_seconds": manifest["seconds"]}
 
 
 def ray_worker_conditions() -> dict[str, Any]:
@@ -114,21 +125,26 @@ def ray_worker_conditions() -> dict[str, Any]:
 
 
 def compare_finetune(base: Any, workers: list[int], rounds: int, tmp: str) -> None:
-    """The plain loop and the job with one worker, alternately for `rounds` rounds (each ratio
-    within a round), then the job with each other worker count (against the median plain loop).
+    """The plain loop (glibc's default malloc, then the job's malloc settings) and the job with
+    one worker, alternately for `rounds` rounds (each ratio within a round), then the job with
+    each other worker count (against the median plain loop).
 
     Ray is up for every measurement (its daemons take the same share of the cores from both
     sides), and the plain loop runs in a fresh process at the niceness of Ray's workers with the
-    torch threads of a one-worker job, so the two sides differ only by Ray Train itself."""
-    from profilerec.cluster import init_ray
+    torch threads of a one-worker job. Against the plain loop as anyone would run it, the ratio
+    is what the job gives; against the plain loop with the job's malloc settings, it is what Ray
+    Train itself costs."""
+    from profilerec.cluster import init_ray, train_worker_runtime_env
     from profilerec.parallel import cores_per_worker
 
     init_ray(base.ray)
     ray_worker = ray_worker_conditions()
     threads = base.threads_per_worker or cores_per_worker(1)
+    job_malloc = train_worker_runtime_env().get("env_vars", {}).get("GLIBC_TUNABLES", "")
     print(f"Ray worker processes: nice {ray_worker['nice']}, OMP_NUM_THREADS={ray_worker['OMP_NUM_THREADS']} "
           f"(the job sets its torch threads itself); plain loop: a fresh process at nice {ray_worker['nice']}, "
-          f"{threads} torch threads, Ray up", flush=True)
+          f"{threads} torch threads, Ray up; the job's Ray Train workers run with "
+          f"GLIBC_TUNABLES={job_malloc or '(unset)'}", flush=True)
 
     def job(n: int, tag: str) -> dict[str, Any]:
         # each worker count trains on the same number of samples in all: n workers step 1/n as often
@@ -137,21 +153,37 @@ def compare_finetune(base: Any, workers: list[int], rounds: int, tmp: str) -> No
                                   storage_path=f"{tmp}/ray_train-{tag}")
         return ray_finetune(cfg)
 
-    plains, ratios = [], []
+    plains, ratios, alike_ratios = [], [], []
     for r in range(1, rounds + 1):
         plain = plain_in_process(base, ray_worker["nice"], threads)
         plains.append(plain["samples_per_s"])
         print(line(f"round {r}: plain PyTorch loop, 1 process", plain), flush=True)
+        alike = plain_in_process(base, ray_worker["nice"], threads, job_malloc) if job_malloc else None
+        if alike:
+            print(line(f"round {r}: plain loop, the job's malloc settings", alike, plain["samples_per_s"]), flush=True)
         one = job(1, f"1w-round{r}")
+        if one["glibc_tunables"] != job_malloc:
+            print(f"  the job's worker ran with GLIBC_TUNABLES={one['glibc_tunables'] or '(unset)'}", flush=True)
         ratios.append(one["samples_per_s"] / plain["samples_per_s"])
-        print(line(f"round {r}: jobs/finetune, Ray Train, 1 worker", one, plain["samples_per_s"]), flush=True)
+        text = line(f"round {r}: jobs/finetune, Ray Train, 1 worker", one, plain["samples_per_s"])
+        if alike:
+            alike_ratios.append(one["samples_per_s"] / alike["samples_per_s"])
+            text += f"; {alike_ratios[-1]:.2f}x the plain loop with its malloc settings"
+        print(text, flush=True)
     reference = float(np.median(plains))
     if rounds > 1:
-        print(f"  jobs/finetune 1 worker / plain loop, per round: {', '.join(f'{x:.2f}x' for x in ratios)} "
-              f"(median {np.median(ratios):.2f}x); plain loop {min(plains):.2f}-{max(plains):.2f} samples/s", flush=True)
+        print(f"  jobs/finetune 1 worker / plain loop, per round: {ratios_text(ratios)}; "
+              f"plain loop {min(plains):.2f}-{max(plains):.2f} samples/s", flush=True)
+        if alike_ratios:
+            print(f"  jobs/finetune 1 worker / plain loop with the job's malloc settings, per round: "
+                  f"{ratios_text(alike_ratios)}", flush=True)
     for n in (n for n in workers if n != 1):
         print(line(f"jobs/finetune, Ray Train, {n} workers", job(n, f"{n}w"), reference)
               + ("  (ratio to the median plain loop)" if rounds > 1 else ""), flush=True)
+
+
+def ratios_text(ratios: list[float]) -> str:
+    return f"{', '.join(f'{x:.2f}x' for x in ratios)} (median {np.median(ratios):.2f}x)"
 
 
 def write_random_embeddings(prepared: str, folder: str, dim: int = 384) -> None:
@@ -199,7 +231,7 @@ def line(name: str, result: dict[str, Any], reference: Optional[float] = None) -
     text = f"  {name:<46} {result['samples_per_s']:8.2f} samples/s"
     if reference:
         text += f"   {result['samples_per_s'] / reference:5.2f}x the plain loop"
-    extra = {k: v for k, v in result.items() if k != "samples_per_s"}
+    extra = {k: v for k, v in result.items() if k not in ("samples_per_s", "glibc_tunables")}  # in the header
     return text + (f"   ({', '.join(f'{k} {v}' for k, v in extra.items())})" if extra else "")
 
 

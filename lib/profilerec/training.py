@@ -130,9 +130,11 @@ def finetune_loop(config: dict[str, Any]) -> None:
             scheduler.step()
             losses.append(loss.detach())  # no float() here: that would wait for the GPU every step
             timer.step(len(inputs.cases))
-        # the thread counts and precision go into the history so a benchmark can run its reference loop alike
+        # the thread counts, precision and malloc settings go into the history so a benchmark can
+        # run its reference loop alike
         finish_epoch(epoch + 1, losses, {**timer.summary(world), "torch_threads": threads,
-                                         "interop_threads": torch.get_num_interop_threads(), "bf16": use_bf16},
+                                         "interop_threads": torch.get_num_interop_threads(), "bf16": use_bf16,
+                                         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
                      started)
 
 
@@ -415,7 +417,7 @@ def fit_on_ray_train(loop: Any, cfg: Any, ignored: Sequence[str], checkpoints: A
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from profilerec.cluster import cluster_gpus, init_ray, train_worker_resources
+    from profilerec.cluster import cluster_gpus, init_ray, train_worker_resources, train_worker_runtime_env
 
     init_ray(cfg.ray)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() > 0
@@ -428,7 +430,8 @@ def fit_on_ray_train(loop: Any, cfg: Any, ignored: Sequence[str], checkpoints: A
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=train_worker_resources(use_gpu)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage_path, checkpoint_config=checkpoints),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage_path, checkpoint_config=checkpoints,
+                                       worker_runtime_env=train_worker_runtime_env()),
     )
     result = trainer.fit()
     if result.checkpoint is None:
