@@ -8,9 +8,10 @@ loop (same model, same cases in the same batches, the library's own loss trainin
 Ray is started first and stays up, then for each of `--rounds` rounds the plain loop runs in a
 fresh process (at the niceness Ray gives its workers, with the torch threads of a one-worker job),
 once with glibc's default malloc and once with the malloc settings the job gives its Ray Train
-workers (cluster.TRAIN_WORKER_MALLOC), and then the job with one worker; each round prints its own
-ratios, so the spread between rounds shows: to the plain loop as anyone would run it (what the
-job gives), and to the plain loop with the job's malloc settings (what Ray Train itself costs). Then the job with each other worker count, on the same number of samples (n workers step
+workers (cluster.MODEL_WORKER_MALLOC), and then the job with one worker. Each round prints its
+own ratios, so the spread between rounds shows: to the plain loop as anyone would run it (what
+the job gives), and to the plain loop with the job's malloc settings (what Ray Train itself
+costs). Then the job with each other worker count, on the same number of samples (n workers step
 1/n as often). Only steady-state steps count: the job times its own steps (StepTimer; Ray start,
 model load, validation and checkpoints are left out) and writes the rate into the run's history,
 which this script reads from the manifest; the plain loop leaves out its first step the same way.
@@ -134,13 +135,13 @@ def compare_finetune(base: Any, workers: list[int], rounds: int, tmp: str) -> No
     torch threads of a one-worker job. Against the plain loop as anyone would run it, the ratio
     is what the job gives; against the plain loop with the job's malloc settings, it is what Ray
     Train itself costs."""
-    from profilerec.cluster import init_ray, train_worker_runtime_env
+    from profilerec.cluster import init_ray, model_worker_runtime_env
     from profilerec.parallel import cores_per_worker
 
     init_ray(base.ray)
     ray_worker = ray_worker_conditions()
     threads = base.threads_per_worker or cores_per_worker(1)
-    job_malloc = train_worker_runtime_env().get("env_vars", {}).get("GLIBC_TUNABLES", "")
+    job_malloc = model_worker_runtime_env().get("env_vars", {}).get("GLIBC_TUNABLES", "")
     print(f"Ray worker processes: nice {ray_worker['nice']}, OMP_NUM_THREADS={ray_worker['OMP_NUM_THREADS']} "
           f"(the job sets its torch threads itself); plain loop: a fresh process at nice {ray_worker['nice']}, "
           f"{threads} torch threads, Ray up; the job's Ray Train workers run with "

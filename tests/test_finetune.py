@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from profilerec.cluster import TRAIN_WORKER_MALLOC
+from profilerec.cluster import MODEL_WORKER_MALLOC
 from profilerec.config import FinetuneConfig
 from profilerec.datasets import read_prepared
 from profilerec.encoder import TextEncoder
@@ -41,7 +41,7 @@ def test_one_epoch_lowers_the_loss_and_a_longer_run_resumes(tiny_work, tmp_path,
     # Ray starts workers with OMP_NUM_THREADS=1: the only worker must still train on every core
     assert first["torch_threads"] == usable_cores()
     # the worker ran with the malloc settings that keep a step's freed activations for the next
-    assert first["glibc_tunables"] == TRAIN_WORKER_MALLOC
+    assert first["glibc_tunables"] == MODEL_WORKER_MALLOC
 
     resumed = run_finetune(FinetuneConfig(**{**cfg.__dict__, "epochs": 2}))
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]

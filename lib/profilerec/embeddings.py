@@ -176,7 +176,7 @@ def encode_into_cache(hashes: list[str], texts: list[str], location: str, cfg: E
     """
     import ray
 
-    from profilerec.cluster import encoder_actor_resources
+    from profilerec.cluster import encoder_actor_resources, model_worker_runtime_env
     from profilerec.parallel import cores_per_worker
 
     if not sys.stdout.isatty():  # logged progress: one summary line per interval, not one per operator
@@ -200,6 +200,7 @@ def encode_into_cache(hashes: list[str], texts: list[str], location: str, cfg: E
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_gpus=gpus,
         num_cpus=cfg.num_cpus_per_actor,
+        runtime_env=model_worker_runtime_env(),
     )
     fs, path = storage.resolve(location)
     encoded.write_parquet(path, filesystem=fs, mode="append")

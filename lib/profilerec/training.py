@@ -417,7 +417,7 @@ def fit_on_ray_train(loop: Any, cfg: Any, ignored: Sequence[str], checkpoints: A
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from profilerec.cluster import cluster_gpus, init_ray, train_worker_resources, train_worker_runtime_env
+    from profilerec.cluster import cluster_gpus, init_ray, model_worker_runtime_env, train_worker_resources
 
     init_ray(cfg.ray)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() > 0
@@ -431,7 +431,7 @@ def fit_on_ray_train(loop: Any, cfg: Any, ignored: Sequence[str], checkpoints: A
                                                resources_per_worker=train_worker_resources(use_gpu)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(name=name, storage_path=storage_path, checkpoint_config=checkpoints,
-                                       worker_runtime_env=train_worker_runtime_env()),
+                                       worker_runtime_env=model_worker_runtime_env()),
     )
     result = trainer.fit()
     if result.checkpoint is None:
