@@ -1,7 +1,7 @@
 """Texts/s of the encode job (jobs/encode: Ray Data, Parquet in and out) against
 sentence-transformers' SentenceTransformer.encode, same model, same texts, same machine, one run.
 
-    python bench/encode_bench.py --texts 4000            # side by side, distinct texts
+    python bench/encode_bench.py --texts 10000           # side by side, distinct texts
     python bench/encode_bench.py --log-events 1000000    # memory: a generated log streamed through
 
 Texts are realistic: the bundled Amazon Industrial sample's item texts (title, brand, categories,
@@ -271,7 +271,9 @@ def main() -> None:
     from profilerec.config import EncodeConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--texts", type=int, default=4000, help="distinct texts (item texts included)")
+    parser.add_argument("--texts", type=int, default=10000,
+                        help="distinct texts (item texts included); below ~10k the job's fixed start-up of "
+                             "~6 s (encoder actor start, imports, model load) weighs on the rate: docs/encoding.md")
     parser.add_argument("--repeat", type=int, default=1, help="occurrences of each event text in the log")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
