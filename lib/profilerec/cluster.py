@@ -13,12 +13,13 @@ from profilerec.config import EncodeConfig, RayConfig
 log = logging.getLogger(__name__)
 
 # glibc malloc settings for the processes that run the model in the batch jobs (Ray Train workers,
-# encoder actors). Each training step or encoded batch allocates and frees activations of MBs to
-# hundreds of MBs; by default glibc gives big freed blocks back to the kernel (always those over
-# 64 MB on a non-main thread, where Ray Train runs its loop) and the next step faults in fresh
-# zeroed pages. One arena that never maps blocks separately nor trims keeps them for reuse: on a
-# 2-core CPU, 0.91x -> 0.98x the plain loop's samples/s in fine-tuning and ~9% more texts/s in the
-# encode job, with no higher peak RSS (docs/throughput.md, docs/encoding.md).
+# encoder actors). Each training step or encoded batch allocates and frees activations of many MB;
+# by default glibc gives big freed blocks back to the kernel (always those over 64 MB on a
+# non-main thread, where Ray Train runs its loop) and the next step faults in fresh zeroed pages.
+# One arena that never maps blocks separately nor trims keeps them for reuse: on a 2-core CPU,
+# fine-tuning went from a median 0.90x to 0.99x the plain loop's samples/s and the encode job
+# gained ~9% texts/s, with no higher peak RSS (docs/throughput.md, docs/encoding.md). On a GPU
+# node these settings are not measured yet.
 MODEL_WORKER_MALLOC = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
 # set in the driver's environment to replace MODEL_WORKER_MALLOC ("" keeps glibc's defaults)
 MODEL_WORKER_MALLOC_ENV = "PROFILEREC_WORKER_GLIBC_TUNABLES"
