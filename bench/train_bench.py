@@ -135,13 +135,13 @@ def compare_finetune(base: Any, workers: list[int], rounds: int, tmp: str) -> No
     torch threads of a one-worker job. Against the plain loop as anyone would run it, the ratio
     is what the job gives; against the plain loop with the job's malloc settings, it is what Ray
     Train itself costs."""
-    from profilerec.cluster import init_ray, model_worker_runtime_env
+    from profilerec.cluster import init_ray, model_worker_malloc
     from profilerec.parallel import cores_per_worker
 
     init_ray(base.ray)
     ray_worker = ray_worker_conditions()
     threads = base.threads_per_worker or cores_per_worker(1)
-    job_malloc = model_worker_runtime_env().get("env_vars", {}).get("GLIBC_TUNABLES", "")
+    job_malloc = model_worker_malloc()
     print(f"Ray worker processes: nice {ray_worker['nice']}, OMP_NUM_THREADS={ray_worker['OMP_NUM_THREADS']} "
           f"(the job sets its torch threads itself); plain loop: a fresh process at nice {ray_worker['nice']}, "
           f"{threads} torch threads, Ray up; the job's Ray Train workers run with "

@@ -61,10 +61,15 @@ def train_worker_resources(use_gpu: bool) -> dict[str, float]:
     return {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
 
 
+def model_worker_malloc() -> str:
+    """The GLIBC_TUNABLES of the batch jobs' model processes: MODEL_WORKER_MALLOC, or the driver's
+    PROFILEREC_WORKER_GLIBC_TUNABLES when that is set ("": glibc's defaults)."""
+    return os.environ.get(MODEL_WORKER_MALLOC_ENV, MODEL_WORKER_MALLOC)
+
+
 def model_worker_runtime_env() -> dict[str, dict[str, str]]:
     """The runtime environment of the batch jobs' model processes (Ray Train workers, encoder
-    actors): GLIBC_TUNABLES set to MODEL_WORKER_MALLOC, or to the driver's
-    PROFILEREC_WORKER_GLIBC_TUNABLES when that is set (empty: glibc's defaults, {} returned).
-    Other C libraries ignore the variable."""
-    tunables = os.environ.get(MODEL_WORKER_MALLOC_ENV, MODEL_WORKER_MALLOC)
+    actors): GLIBC_TUNABLES set to model_worker_malloc(), or {} when that is empty. Other C
+    libraries ignore the variable."""
+    tunables = model_worker_malloc()
     return {"env_vars": {"GLIBC_TUNABLES": tunables}} if tunables else {}

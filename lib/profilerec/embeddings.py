@@ -29,9 +29,9 @@ import pyarrow.parquet as pq
 
 from profilerec import storage
 from profilerec.config import EncodeConfig
-from profilerec.encoder import (PRECISIONS, TextEncoder, cpu_multiplies_bf16, load_tokenizer, model_fingerprint,
-                                resolve_model_path, text_hash, token_ids)
-from profilerec.errors import ConfigError, DataError
+from profilerec.encoder import (PRECISIONS, TextEncoder, check_precision, cpu_multiplies_bf16, load_tokenizer,
+                                model_fingerprint, resolve_model_path, text_hash, token_ids)
+from profilerec.errors import DataError
 from profilerec.schema import item_text
 
 log = logging.getLogger(__name__)
@@ -95,12 +95,10 @@ def resolve_precision(cfg: EncodeConfig, use_gpu: bool) -> str:
     """The precision the encoder runs at: `auto` is bf16 on a GPU and on a CPU that multiplies bf16
     in hardware (AMX; the CPU of the node this runs on is the one checked), else fp32. int8 is an
     option: faster on CPUs but below cosine 0.99 to fp32 for some texts; docs/encoding.md."""
-    if cfg.precision not in ("auto",) + PRECISIONS:
-        raise ConfigError(f"precision must be one of auto, {', '.join(PRECISIONS)}, not {cfg.precision!r}")
+    # checked here too, in the driver, so a wrong setting fails before any actor starts
+    check_precision(cfg.precision, "cuda" if use_gpu else "cpu", allowed=("auto",) + PRECISIONS)
     if cfg.precision == "auto":
         return "bf16" if use_gpu or cpu_multiplies_bf16() else "fp32"
-    if cfg.precision == "int8" and use_gpu:
-        raise ConfigError("precision int8 is for CPU encoding; use bf16 or fp32 on GPUs")
     return cfg.precision
 
 

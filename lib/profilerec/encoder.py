@@ -94,6 +94,15 @@ def cpu_multiplies_bf16() -> bool:
     return bool(has_amx is not None and has_amx())
 
 
+def check_precision(precision: str, device_type: str, allowed: tuple[str, ...] = PRECISIONS) -> None:
+    """Raise a ConfigError naming the choices unless `precision` is one of `allowed` and runs on a
+    `device_type` device (int8 is for CPUs only)."""
+    if precision not in allowed:
+        raise ConfigError(f"precision must be one of {', '.join(allowed)}, not {precision!r}")
+    if precision == "int8" and device_type != "cpu":
+        raise ConfigError(f"precision int8 is for CPU encoding, not {device_type}; use bf16 or fp32 on GPUs")
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of the token vectors under `mask`, L2-normalised (the sentence-transformers recipe)."""
     mask = mask.unsqueeze(-1).to(hidden.dtype)
@@ -149,17 +158,14 @@ class TextEncoder:
         batch_size x 32)."""
         from transformers import AutoModel
 
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        self.device = pick_device(device)
+        check_precision(precision, self.device.type)
         path = resolve_model_path(model)
         self.name = model
         self.path = path
-        self.device = pick_device(device)
         self.max_length = max_length
         self.batch_size = batch_size
         self.precision = precision
-        if precision == "int8" and self.device.type != "cpu":
-            raise ConfigError(f"int8 quantisation is for CPU inference; the encoder is on {self.device}")
         try:
             self.tokenizer = load_tokenizer(path)
             self.model = AutoModel.from_pretrained(path, dtype=torch.bfloat16 if precision == "bf16" else None)
