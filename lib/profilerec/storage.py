@@ -13,6 +13,7 @@ import io
 import json
 import os
 import posixpath
+import stat
 import tempfile
 import uuid
 from typing import Any, Iterator, Optional
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from profilerec.errors import DataError
+from profilerec.errors import ConfigError, DataError
 
 
 def is_uri(location: str) -> bool:
@@ -59,10 +60,33 @@ def exists(location: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def makedirs(location: str) -> None:
-    """Create the folder `location` and its parents (a no-op on object stores without folders)."""
+def makedirs(location: str, durable: bool = False) -> None:
+    """Create the folder `location` and its parents (a no-op on object stores without folders).
+
+    With `durable`, every folder created on a local disk is also recorded durably in its parent
+    (see fsync_dir), so a power cut cannot lose it with the files written into it afterwards.
+    """
     fs, path = resolve(location)
-    fs.create_dir(path, recursive=True)
+    if durable and isinstance(fs, pafs.LocalFileSystem):
+        _makedirs_durable(path)
+    else:
+        fs.create_dir(path, recursive=True)
+
+
+def _makedirs_durable(path: str) -> None:
+    """os.makedirs of a local folder, fsyncing the parent of each folder it creates."""
+    missing = []
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            if not os.path.isdir(folder):
+                raise
+        # also when another process created it first: its fsync may not have happened yet
+        fsync_dir(os.path.dirname(folder))
 
 
 def delete(location: str) -> None:
@@ -84,6 +108,15 @@ def list_files(location: str, suffix: str = "") -> list[str]:
     return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
+def list_folders(location: str) -> list[str]:
+    """Names of the folders directly inside folder `location`, sorted."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
+
+
 def read_bytes(location: str) -> bytes:
     """The whole file at `location`; DataError naming it when it is missing."""
     fs, path = resolve(location)
@@ -102,14 +135,22 @@ def write_bytes(data: bytes, location: str, durable: bool = False) -> None:
     """
     fs, path = resolve(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if durable:
+            _makedirs_durable(os.path.dirname(path))
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a half-written file would keep a full disk full
+                os.remove(tmp)
+            raise
         if durable:
             fsync_dir(os.path.dirname(path))
         return
@@ -202,10 +243,52 @@ def write_table(table: pa.Table, location: str, durable: bool = False) -> None:
 
 def node_private_dir() -> str:
     """This user's private folder in the node's temp dir (owner-only), for files the processes of
-    one node share: shard read sockets and profile boards, the memory-mapped event-text vectors."""
+    one node share: shard read sockets and profile boards, the memory-mapped event-text vectors.
+
+    The temp dir is shared with every local user, any of whom may have made this folder first:
+    ConfigError (naming it) unless it is a real folder (not a symbolic link) owned by this user.
+    A folder of ours that others may enter is made owner-only."""
     folder = os.path.join(tempfile.gettempdir(), f"profilerec-{os.getuid()}")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except FileExistsError:  # a file or a dangling symbolic link in its place: refused below
+        pass
+    info = os.lstat(folder)  # lstat: a link to a folder of ours is still someone else's path
+    fix = "remove it, or set TMPDIR to a folder of your own"
+    if stat.S_ISLNK(info.st_mode):
+        raise ConfigError(f"{folder} is a symbolic link, not a private folder: {fix}")
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{folder} is not a folder: {fix}")
+    if info.st_uid != os.getuid():
+        raise ConfigError(f"{folder} is owned by uid {info.st_uid}, not by this user (uid {os.getuid()}), who could "
+                          f"read or replace the sockets and files put there: {fix}")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(folder, 0o700)  # ours but open (an older release, a umask): others may not enter it now
     return folder
+
+
+def create_private_file(path: str, data: bytes) -> None:
+    """Create local file `path` holding `data`, owner-only from its first byte; when it exists
+    already (another process made it first), it is kept as it is."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    if os.path.exists(path):
+        return
+    # written whole under a temporary name, then linked into place: a process starting at the
+    # same time sees either no file or the whole of it, never an empty one, and link never
+    # replaces the file another process linked first (both then use that one)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        os.remove(tmp)
+    fsync_dir(folder)
 
 
 def process_file(name: str, suffix: str) -> str:
