@@ -5,8 +5,10 @@ through the prepare job, the Ray Data encode job (real default model), the Ray T
 and the batch profiles job.
 """
 
+import errno
 import json
 import socket
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -40,6 +42,29 @@ def write_tiny_amazon(folder: Path, n_users: int = TINY_USERS) -> Path:
             if str(json.loads(line)["item_id"]) in wanted:
                 dst.write(line)
     return folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: a disk that really fills up (needs the right to mount, as root in CI)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file that takes every free byte of the disk under `folder`; returns its path."""
+    path = folder / "filler"
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"x" * 4096)
+        except OSError as error:
+            assert error.errno == errno.ENOSPC, error
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,13 @@ from hypothesis import HealthCheck, given, settings
 
 from profilerec.profile import build_profile, states_from_table
 from profilerec.schema import Event
-from profilerec.shard import ProfileShard, layout_root, shard_of
-from profilerec.shard_actors import NAMESPACE, load_serving_recommender, shard_actor_name
+from profilerec.errors import ShardRetired
+from profilerec.shard import ProfileShard, layout_root, repartition, shard_of
+from profilerec.shard_actors import NAMESPACE, load_serving_recommender, shard_actor_name, stop_application_actors
 from profilerec.store import ShardStore
 from profilerec.datasets import read_prepared
 
-from conftest import serve_config
+from conftest import fill, serve_config
 
 TOKEN = "ops-token-456"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -152,6 +153,98 @@ def test_changing_the_shard_count_moves_every_profile_and_removes_the_old_layout
     assert post(ops, [event(ops, "stream-1", 0)]).json() == {"accepted": 0, "duplicates": 1}
     deploy(ops["cfg"])  # back to two shards for the tests below
     assert as_rows(live_states(ray_session, ops["cfg"])) == as_rows(before)
+
+
+def test_a_delete_during_a_move_gets_503_and_the_retry_after_the_move_forgets_the_user(ops, ray_session):
+    import dataclasses
+
+    post(ops, [event(ops, "moving-user", n) for n in range(3)])
+    owner = ray_session.get_actor(shard_actor_name(APP, shard_of("moving-user", 2), 2), namespace=NAMESPACE)
+    ray_session.get(owner.retire.remote())  # what the LayoutKeeper does first when the count changes
+    r = requests.delete(f"{ops['url']}/v1/users/moving-user", headers=AUTH, timeout=60)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+    three = dataclasses.replace(ops["cfg"], num_shards=3)
+    deploy(three)
+    assert live_states(ray_session, three)["moving-user"].n_events == 3
+    r = requests.delete(f"{ops['url']}/v1/users/moving-user", headers=AUTH, timeout=60)  # the client's retry
+    assert r.json()["forgotten"] is True
+    assert post(ops, [event(ops, "moving-user", 1)]).json() == {"accepted": 0, "duplicates": 1}  # a late retry
+    deploy(ops["cfg"])
+    assert "moving-user" not in live_states(ray_session, ops["cfg"])
+
+
+def test_reverting_the_shard_count_mid_move_resumes_writes_and_removes_the_half_written_layout(ops, ray_session):
+    from ray import serve
+
+    cfg = ops["cfg"]
+    post(ops, [event(ops, "revert-user", 0)])
+    serve.delete(APP)
+    # a move from 2 to 3 shards cut off half-way: the old shards retired, the new layout's files
+    # written but not recorded as current
+    for shard in range(2):
+        ray_session.get(ray_session.get_actor(shard_actor_name(APP, shard, 2), namespace=NAMESPACE).retire.remote())
+    repartition(cfg.state_dir, 2, 3, load_serving_recommender(cfg))
+    owner = ray_session.get_actor(shard_actor_name(APP, shard_of("revert-user", 2), 2), namespace=NAMESPACE)
+    pid = ray_session.get(owner.ping.remote())
+    ray_session.kill(owner, no_restart=False)  # restarted in the middle of the move: still retired
+    with pytest.raises(ShardRetired):
+        ray_session.get(owner.apply.remote([Event(**event(ops, "revert-user", 1))]))
+    assert ray_session.get(owner.ping.remote()) != pid
+    deploy(cfg)  # the operator reverts to 2 shards
+    assert post(ops, [event(ops, "revert-user", 1)]).json() == {"accepted": 1, "duplicates": 0}
+    assert post(ops, [event(ops, "stream-0", 100)]).json() == {"accepted": 1, "duplicates": 0}
+    assert not os.path.exists(layout_root(cfg.state_dir, 3))
+
+
+def test_the_documented_restore_stops_the_shard_actors_and_serves_the_copy(ops, ray_session, tmp_path):
+    import shutil
+
+    from ray import serve
+
+    cfg = ops["cfg"]
+    post(ops, [event(ops, "restore-user", n) for n in range(2)])
+    serve.delete(APP)
+    stopped = stop_application_actors(APP)
+    assert shard_actor_name(APP, 0, 2) in stopped and f"{APP}-layout" in stopped
+    shutil.copytree(cfg.state_dir, tmp_path / "backup")
+    deploy(cfg)
+    post(ops, [event(ops, "restore-user", 2)])
+    serve.delete(APP)
+    stop_application_actors(APP)  # else the running shards keep, and snapshot over, the newer state
+    shutil.rmtree(cfg.state_dir)
+    shutil.copytree(tmp_path / "backup", cfg.state_dir)
+    deploy(cfg)
+    assert live_states(ray_session, cfg)["restore-user"].n_events == 2
+
+
+def test_a_full_disk_gets_503_naming_the_cause_reads_go_on_and_writes_resume(ops, ray_session, small_disk):
+    import dataclasses
+
+    from ray import serve
+
+    from profilerec.service import build_app
+
+    cfg = dataclasses.replace(ops["cfg"], state_dir=str(small_disk / "state"))
+    serve.run(build_app(cfg), name="disk", route_prefix="/disk")
+    url = ops["url"].replace(PREFIX, "/disk")
+    first = [event(ops, "disk-user", n) for n in range(3)]
+    later = [event(ops, "disk-user", n) for n in range(3, 60)]
+    try:
+        assert requests.post(f"{url}/v1/events", json={"events": first}, headers=AUTH, timeout=60).status_code == 200
+        filler = fill(small_disk)
+        r = requests.post(f"{url}/v1/events", json={"events": later}, headers=AUTH, timeout=60)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+        assert "No space left on device" in r.json()["detail"]
+        assert requests.get(f"{url}/v1/users/disk-user/recommendations", timeout=60).status_code == 200
+        filler.unlink()
+        r = requests.post(f"{url}/v1/events", json={"events": later}, headers=AUTH, timeout=60)
+        assert r.json() == {"accepted": len(later), "duplicates": 0}
+        owner = ray_session.get_actor(shard_actor_name("disk", shard_of("disk-user", 2), 2), namespace=NAMESPACE)
+        held = {s.user_id: s for s in states_from_table(ray_session.get(owner.state_table.remote()))}
+        assert held["disk-user"].n_events == 60
+    finally:
+        serve.delete("disk")
+        stop_application_actors("disk")
 
 
 def test_a_burst_beyond_capacity_gets_503_with_retry_after_and_the_service_recovers(ops):

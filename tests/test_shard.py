@@ -1,5 +1,6 @@
 """A profile shard without Ray: durability, idempotency, recovery, forgetting."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -7,11 +8,14 @@ import pytest
 
 from profilerec.index import ItemIndex
 from profilerec.priors import empty_priors
-from profilerec.profile import ProfileParams
+from profilerec.profile import ProfileParams, states_to_table
 from profilerec.recommend import Recommender
 from profilerec.schema import Event
-from profilerec.shard import ProfileShard, shard_of
+from profilerec.errors import ShardRetired, StorageUnavailable
+from profilerec.shard import ProfileShard, layout_root, repartition, shard_of
 from profilerec.store import ShardStore
+
+from conftest import fill
 
 
 def recommender():
@@ -76,6 +80,77 @@ def test_forget_leaves_no_trace_in_memory_log_or_snapshot(tmp_path):
     assert shard.forget("nobody") is False
 
 
+def test_a_late_retry_of_a_forgotten_users_events_does_not_bring_them_back(tmp_path):
+    shard = open_shard(tmp_path)
+    batch = events("alice", 0, 5)
+    shard.apply(batch + events("bob", 0, 2))
+    shard.forget("alice")
+    assert shard.apply(batch) == {"accepted": 0, "duplicates": 5}
+    assert "alice" not in shard
+    restarted = open_shard(tmp_path)  # the tombstones are durable
+    assert restarted.apply(batch[:2]) == {"accepted": 0, "duplicates": 2}
+    assert "alice" not in restarted and "bob" in restarted
+    # new events of the same user are a new profile
+    assert restarted.apply(events("alice", 100, 1)) == {"accepted": 1, "duplicates": 0}
+    assert restarted.state("alice").n_events == 1
+
+
+def test_tombstones_expire_after_their_ttl_and_follow_a_repartition(tmp_path):
+    shard = open_shard(tmp_path, tombstone_ttl_s=0)
+    shard.apply(events("alice", 0, 3))
+    shard.forget("alice")  # its snapshot drops tombstones older than 0 s: none is kept
+    assert shard.apply(events("alice", 0, 3))["accepted"] == 3
+
+    state_dir = str(tmp_path / "state")
+    old = ProfileShard(0, recommender(), ShardStore(layout_root(state_dir, 1), 0))
+    old.apply(events("carol", 0, 4) + events("dave", 0, 4))
+    old.forget("carol")
+    repartition(state_dir, 1, 3, recommender())
+    new = [ProfileShard(j, recommender(), ShardStore(layout_root(state_dir, 3), j)) for j in range(3)]
+    owner = new[shard_of("carol", 3)]
+    assert owner.apply(events("carol", 0, 4)) == {"accepted": 0, "duplicates": 4}
+    assert "dave" in new[shard_of("dave", 3)]
+
+
+def test_a_retired_shard_refuses_writes_and_deletes_also_after_a_restart(tmp_path):
+    shard = open_shard(tmp_path)
+    shard.apply(events("alice", 0, 2))
+    shard.retire()
+    with pytest.raises(ShardRetired):
+        shard.apply(events("alice", 2, 1))
+    with pytest.raises(ShardRetired):
+        shard.forget("alice")
+    restarted = open_shard(tmp_path)  # e.g. killed in the middle of a move
+    with pytest.raises(ShardRetired):
+        restarted.apply(events("alice", 2, 1))
+    assert restarted.state("alice").n_events == 2  # reads still work
+    restarted.resume()  # the move was abandoned
+    assert open_shard(tmp_path).apply(events("alice", 2, 1))["accepted"] == 1
+
+
+def test_out_of_order_arrivals_follow_the_late_event_rule(tmp_path):
+    first, late, newest = (Event(f"e{n}", "u", "click", ts, item_id=f"i{n}") for n, ts in enumerate((900.0, 1000.0, 2000.0)))
+
+    def state_after(folder, *batches):
+        shard = open_shard(tmp_path / folder)
+        for batch in batches:
+            shard.apply(batch)
+        return shard.state("u")
+
+    in_order = state_after("in-order", [first], [late], [newest])
+    # within a batch, events apply in time order: the same profile as in-order arrivals
+    assert states_to_table([state_after("one-batch", [newest, late, first])]).equals(states_to_table([in_order]))
+    # across batches, a late event applies as if it happened at the user's newest time (no time
+    # gap), and the window keeps it in arrival order with its own time
+    arrived = state_after("late", [first], [newest], [late])
+    restamped = state_after("restamped", [first], [newest], [dataclasses.replace(late, ts=newest.ts)])
+    assert np.array_equal(arrived.long_sum, restamped.long_sum) and np.array_equal(arrived.short_sum, restamped.short_sum)
+    assert (arrived.long_weight, arrived.short_weight, arrived.counters, arrived.last_ts) == \
+        (restamped.long_weight, restamped.short_weight, restamped.counters, newest.ts)
+    assert [(e.item_id, e.ts) for e in arrived.recent] == [("i0", 900.0), ("i2", 2000.0), ("i1", 1000.0)]
+    assert not np.array_equal(arrived.short_sum, in_order.short_sum)
+
+
 def test_a_torn_last_log_line_is_ignored_but_earlier_corruption_is_an_error(tmp_path):
     shard = open_shard(tmp_path)
     shard.apply(events("alice", 0, 3))
@@ -109,3 +184,21 @@ def test_shard_of_is_stable_and_spreads_users():
     assert shard_of("alice", 8) == shard_of("alice", 8)
     counts = np.bincount([shard_of(f"user-{n}", 4) for n in range(4000)], minlength=4)
     assert counts.min() > 800
+
+
+def test_a_full_disk_refuses_the_batch_keeps_reads_and_takes_writes_once_space_returns(small_disk):
+    shard = open_shard(small_disk)
+    shard.apply(events("alice", 0, 3))
+    before = shard.snapshot_table()
+    filler = fill(small_disk)
+    with pytest.raises(StorageUnavailable, match="No space left on device"):
+        shard.apply(events("alice", 3, 40) + events("bob", 0, 40))
+    with pytest.raises(StorageUnavailable, match="No space left on device"):
+        shard.forget("alice")
+    assert shard.snapshot_table().equals(before)  # nothing of the refused requests applied
+    assert shard.recommend("alice", 3)["items"]
+    filler.unlink()
+    assert shard.apply(events("alice", 3, 40) + events("bob", 0, 40))["accepted"] == 80
+    recovered = open_shard(small_disk)
+    assert recovered.snapshot_table().equals(shard.snapshot_table())
+    assert recovered.state("alice").n_events == 43

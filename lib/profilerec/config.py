@@ -228,6 +228,14 @@ class ServeConfig:
     num_shards: int = 2
     shard_num_cpus: float = 0.25
     snapshot_every: int = 50_000  # events per shard between snapshots
+    # how long after a DELETE a late retry of one of the user's remembered events is still
+    # recognised and ignored (instead of bringing the user back)
+    tombstone_ttl_s: float = 7 * 24 * 3600.0
+    # events stamped more than this after the service's clock are refused (422 naming ts) ...
+    max_ahead_s: float = 300.0
+    # ... and, when set, those older than this; older events are applied as late events
+    # (profile.py: in arrival order, with no time gap)
+    max_age_s: Optional[float] = None
     # how long an ingress replica waits for a shard on its node to answer a read before yielding
     # its event loop (read_channel.py: yielding costs Serve a disconnect watch); 0 = always yield
     read_wait_ms: float = 5.0

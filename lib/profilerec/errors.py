@@ -25,3 +25,8 @@ class ValidationError(ProfilerecError):
 class ShardRetired(ProfilerecError):
     """A profile shard stopped taking writes because the service is being re-partitioned; the
     same request, retried, reaches the new shards (event ids make the retry safe)."""
+
+
+class StorageUnavailable(ProfilerecError):
+    """The service's durable state cannot be written (a full disk, an I/O error): the request was
+    refused whole, nothing of it is acknowledged, and the same request can be retried later."""

@@ -7,9 +7,15 @@ tested directly. Rules:
 - events are applied in order of (user, timestamp) within a batch and in arrival order across
   batches; an event older than the user's last one is applied with a zero time gap (see
   profile.py); the log holds them in applied order, so recovery replays the very same sequence;
-- a repeated event id changes nothing: the shard keeps 64-bit hashes of each user's last
-  `dedup_window` event ids (a client retrying a batch resends at most that many per user);
-- `forget` removes the user from memory and rewrites the durable state without them.
+- a repeated event id changes nothing while it is among the user's last `dedup_window` accepted
+  events: the shard keeps 64-bit hashes of those ids (the ingress refuses batches with more events
+  than that for one user, so a whole batch retried at once is always recognised);
+- a retired shard (its users are being moved to another shard count, shard_actors.py) refuses
+  writes with ShardRetired; retirement is durable, so a shard restarted mid-move stays retired
+  until `resume` (a move abandoned by reverting the shard count);
+- `forget` removes the user from memory and rewrites the durable state without them. It keeps a
+  tombstone of the user's remembered event ids (keyed hashes of user and event id, no user id)
+  for `tombstone_ttl_s`, so a late retry of one of those events does not bring the user back.
 
 Users are held packed (packed.py, ~2.5 KB each with the defaults) and unpacked for each update
 or read, which keeps a million users in a few GB. With a board (profile_board.py), the packed
@@ -29,8 +35,11 @@ import numpy as np
 import pyarrow as pa
 
 from profilerec import storage
+from profilerec.config import ServeConfig
+from profilerec.errors import ShardRetired, StorageUnavailable
 from profilerec.packed import StateCodec, event_hash, max_packed_bytes, remember
 from profilerec.profile_board import BoardWriter
+from profilerec.pseudonym import pseudonym
 from profilerec.profile import ProfileState, apply_event, states_from_table, states_to_table, top_counters
 from profilerec.recommend import Recommender
 from profilerec.schema import Event
@@ -52,21 +61,28 @@ def layout_root(state_dir: str, num_shards: int) -> str:
     return storage.join(state_dir, f"shards-{num_shards}")
 
 
+def layouts(state_dir: str) -> list[int]:
+    """The shard counts that have a durable layout under state_dir (see layout_root)."""
+    names = storage.list_folders(state_dir)
+    return sorted(int(n[len("shards-"):]) for n in names if n.startswith("shards-") and n[len("shards-"):].isdigit())
+
+
 def repartition(state_dir: str, old: int, new: int, recommender: Recommender) -> int:
     """Move every user of the `old`-shard layout to a `new`-shard layout; returns the users moved.
 
     Each old shard is recovered as on a restart (snapshot + log), then every new shard gets one
-    snapshot of its users (with their event-id hashes, so retries stay idempotent). The old layout
-    is left in place: the caller removes it once the new one is recorded as current.
+    snapshot of its users (with their event-id hashes, so retries stay idempotent) and every
+    tombstone (they name no user, so each new shard keeps them all until they expire). The old
+    layout is left in place: the caller removes it once the new one is recorded as current.
     """
-    tables = [ProfileShard(i, recommender, ShardStore(layout_root(state_dir, old), i)).snapshot_table()
-              for i in range(old)]
-    table = pa.concat_tables(tables)
+    shards = [ProfileShard(i, recommender, ShardStore(layout_root(state_dir, old), i)) for i in range(old)]
+    table = pa.concat_tables([shard.snapshot_table() for shard in shards])
+    tombstones = pa.concat_tables([shard.tombstone_table() for shard in shards])
     new_root = layout_root(state_dir, new)
     storage.delete(new_root)  # what an interrupted earlier attempt left
     targets = np.array([shard_of(u, new) for u in table.column("user_id").to_pylist()], dtype=np.int64)
     for j in range(new):
-        ShardStore(new_root, j).write_snapshot(table.filter(pa.array(targets == j)))
+        ShardStore(new_root, j).write_snapshot(table.filter(pa.array(targets == j)), tombstones)
     return table.num_rows
 
 
@@ -91,16 +107,19 @@ def recommendation(recommender: Recommender, state: ProfileState, k: int, exclud
     return {"user_id": state.user_id, "cold_start": state.long_sum is None, "items": items}
 
 
-def pseudonym(user_id: str) -> str:
-    """A short non-reversible tag for a user id, for logs (ids are never logged in clear)."""
-    return hashlib.blake2b(user_id.encode("utf-8"), digest_size=6, person=b"profilerec-log").hexdigest()
+def tombstone_key(user_id: str, hashed: int) -> int:
+    """What a shard remembers of a forgotten user's event (its id's hash `hashed`): one 64-bit
+    hash of both, from which neither the user id nor the event id can be read back."""
+    data = user_id.encode("utf-8") + b"\0" + int(hashed).to_bytes(8, "little")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=b"profilerec-tomb").digest(), "little")
 
 
 class ProfileShard:
     """Profiles of the users of one shard, durable through a ShardStore."""
 
     def __init__(self, shard: int, recommender: Recommender, store: ShardStore,
-                 snapshot_every: int = 50_000, dedup_window: int = DEDUP_WINDOW, board: Optional[BoardWriter] = None):
+                 snapshot_every: int = 50_000, dedup_window: int = DEDUP_WINDOW, board: Optional[BoardWriter] = None,
+                 tombstone_ttl_s: float = ServeConfig.tombstone_ttl_s):
         if recommender.params.window > 255 or recommender.params.max_counters > 255 or dedup_window > 65535:
             raise ValueError("a shard holds at most 255 window events, 255 counters and 65535 event ids per user")
         self.shard = shard
@@ -110,6 +129,8 @@ class ProfileShard:
         self.dedup_window = dedup_window
         self.codec = state_codec(recommender)
         self.users: dict[str, bytes] = {}  # user id -> packed state and event-id hashes
+        self.tombstones: dict[int, float] = {}  # tombstone_key -> when the user was forgotten
+        self.tombstone_ttl_s = tombstone_ttl_s
         self.board = board
         self.since_snapshot = 0
         self._recover()
@@ -118,38 +139,74 @@ class ProfileShard:
 
     def apply(self, events: Sequence[Event]) -> dict[str, int]:
         """Log then apply the new events of a batch; returns how many were new and repeated."""
+        self._check_writable()
         fresh: list[Event] = []
         batch_ids: set[str] = set()
         for event in events:
-            if event.event_id in batch_ids or self._seen(event.user_id, event_hash(event.event_id)):
+            hashed = event_hash(event.event_id)
+            if event.event_id in batch_ids or self._seen(event.user_id, hashed) or self._forgotten(event.user_id, hashed):
                 continue
             batch_ids.add(event.event_id)
             fresh.append(event)
         fresh.sort(key=lambda e: (e.user_id, e.ts))  # stable: arrival order among equal times
-        self.store.append(fresh)
+        try:
+            self.store.append(fresh)
+        except OSError as error:  # nothing applied, nothing acknowledged: the client retries later
+            raise StorageUnavailable(f"profile shard {self.shard} cannot write its log: {error}") from None
         for event in fresh:
             self._apply_one(event)
         self.since_snapshot += len(fresh)
         if self.since_snapshot >= self.snapshot_every:
-            self.snapshot()
+            try:
+                self.snapshot()
+            except OSError as error:  # the batch is in the log: answer it; the next batch tries again
+                log.error("shard %d could not write a snapshot (its log keeps growing until it can): %s",
+                          self.shard, error)
         return {"accepted": len(fresh), "duplicates": len(events) - len(fresh)}
 
     def forget(self, user_id: str) -> bool:
         """Remove the user from memory, log and snapshots; True when the shard knew the user."""
-        known = self.users.pop(user_id, None) is not None
+        self._check_writable()  # else the move could carry the user into the new layout
+        blob = self.users.pop(user_id, None)
+        tombstones = dict(self.tombstones)
+        if blob is not None:
+            now = time.time()
+            self.tombstones.update((tombstone_key(user_id, h), now) for h in StateCodec.hashes(blob).tolist())
+        try:
+            self.snapshot()  # the new snapshot lacks the user and replaces every older file
+        except OSError as error:  # not forgotten anywhere yet: keep them in memory too
+            if blob is not None:
+                self.users[user_id] = blob
+            self.tombstones = tombstones
+            raise StorageUnavailable(f"profile shard {self.shard} cannot write its snapshot: {error}") from None
         if self.board is not None:
             self.board.remove(user_id)
-        self.snapshot()  # the new snapshot lacks the user and replaces every older file
         log.info("shard %d forgot user %s", self.shard, pseudonym(user_id))
-        return known
+        return blob is not None
 
     def snapshot(self) -> None:
-        """Write the whole shard state and drop the log it covers."""
+        """Write the whole shard state and drop the log it covers (and the expired tombstones)."""
         started = time.perf_counter()
-        self.store.write_snapshot(self.snapshot_table())
+        expired = time.time() - self.tombstone_ttl_s
+        self.tombstones = {key: at for key, at in self.tombstones.items() if at > expired}
+        self.store.write_snapshot(self.snapshot_table(), self.tombstone_table())
         self.since_snapshot = 0
         log.info("shard %d snapshot of %d users in %.2f s", self.shard, len(self.users),
                  time.perf_counter() - started)
+
+    @property
+    def retired(self) -> bool:
+        """True once the shard refuses writes for a re-partitioning (see the module docstring)."""
+        return self.store.retired
+
+    def retire(self) -> None:
+        """Refuse writes from now on, also after a restart, and snapshot everything for the move."""
+        self.store.mark_retired()
+        self.snapshot()
+
+    def resume(self) -> None:
+        """Take writes again (the move this shard was retired for was abandoned)."""
+        self.store.clear_retired()
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -200,6 +257,11 @@ class ProfileShard:
         hashes = pa.array([h for _, h in unpacked], pa.list_(pa.uint64()))
         return table.append_column("recent_event_hashes", hashes)
 
+    def tombstone_table(self) -> pa.Table:
+        """The tombstones of forgotten users' event ids (see the module docstring)."""
+        return pa.table({"key": pa.array(list(self.tombstones), pa.uint64()),
+                         "forgotten_at": pa.array(list(self.tombstones.values()), pa.float64())})
+
     # -- internals ----------------------------------------------------------------------------
 
     def _unpack(self, user_id: str) -> tuple[ProfileState, np.ndarray]:
@@ -212,6 +274,14 @@ class ProfileShard:
         blob = self.users.get(user_id)
         return blob is not None and hashed in StateCodec.hashes(blob)
 
+    def _check_writable(self) -> None:
+        if self.retired:
+            raise ShardRetired(f"profile shard {self.shard} is retired: the service is re-partitioning its users; "
+                               "retry the request")
+
+    def _forgotten(self, user_id: str, hashed: int) -> bool:
+        return bool(self.tombstones) and tombstone_key(user_id, hashed) in self.tombstones
+
     def _apply_one(self, event: Event) -> None:
         state, hashes = self._unpack(event.user_id)
         meta = self.recommender.index.meta(event.item_id) if event.item_id is not None else None
@@ -223,14 +293,16 @@ class ProfileShard:
 
     def _recover(self) -> None:
         started = time.perf_counter()
-        snapshot, events = self.store.load()
+        snapshot, tombstones, events = self.store.load()
+        if tombstones is not None:
+            self.tombstones = dict(zip(tombstones.column("key").to_pylist(), tombstones.column("forgotten_at").to_pylist()))
         if snapshot is not None:
             hashes = snapshot.column("recent_event_hashes").to_pylist()
             for state, ids in zip(states_from_table(snapshot), hashes):
                 self.users[state.user_id] = self.codec.pack(state, np.array(ids, dtype=np.uint64)[-self.dedup_window:])
         replayed = 0
         for event in events:
-            if not self._seen(event.user_id, event_hash(event.event_id)):
+            if not self._seen(event.user_id, event_hash(event.event_id)):  # a retried call logged twice
                 self._apply_one(event)
                 replayed += 1
         self.since_snapshot = replayed

@@ -9,9 +9,12 @@ so a redeploy with the same settings finds the same actors, with their users in 
 Two changes are handled when an ingress replica starts (`open_shards`):
 
 - a changed shard count: the LayoutKeeper actor (one per application, one call at a time)
-  retires the old shards (they snapshot and refuse further writes with ShardRetired, answered
-  503 + Retry-After), moves every user to the new layout (shard.repartition), records it in
-  `<state_dir>/layout.json`, then stops the old actors and deletes the old layout;
+  retires the old shards (durably: they snapshot and refuse writes and deletes with ShardRetired,
+  answered 503 + Retry-After, also after a restart), moves every user to the new layout
+  (shard.repartition), records it in `<state_dir>/layout.json`, then stops the old actors and
+  deletes the old layout. A move interrupted by a crash is redone from the start by the next
+  replica; one abandoned by reverting the shard count leaves a half-written new layout, which is
+  deleted, and retired shards, which take writes again;
 - other changed settings (a new model, new embeddings): the shard snapshots, is stopped, and is
   started again with the new settings, recovering its users from the snapshot.
 """
@@ -29,12 +32,12 @@ from profilerec import storage
 from profilerec.catalog import ITEMS_LOG, TEXTS_LOG, VectorLog
 from profilerec.config import ServeConfig, from_dict, to_dict
 from profilerec.encoder import text_hash
-from profilerec.errors import ShardRetired, ValidationError
+from profilerec.errors import ValidationError
 from profilerec.profile_board import BoardWriter
 from profilerec.read_channel import serve_reads, socket_path
 from profilerec.recommend import Recommender, load_profile_params, load_recommender
 from profilerec.schema import Event
-from profilerec.shard import ProfileShard, layout_root, max_state_bytes, repartition
+from profilerec.shard import ProfileShard, layout_root, layouts, max_state_bytes, repartition
 from profilerec.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -100,16 +103,13 @@ class ShardActor:
                 log.warning("profile shard %d runs without a board, so every read of its users goes to it: "
                             "could not create %s (%s); free space there or lower board_users", shard, location, error)
         store = ShardStore(layout_root(self.cfg.state_dir, self.cfg.num_shards), shard)
-        self.shard = ProfileShard(shard, recommender, store, snapshot_every=self.cfg.snapshot_every, board=self.board)
+        self.shard = ProfileShard(shard, recommender, store, snapshot_every=self.cfg.snapshot_every, board=self.board,
+                                  tombstone_ttl_s=self.cfg.tombstone_ttl_s)
         self.metrics = ShardMetrics(shard)
-        self.retired = False
         self.name = name
         self.reads: Optional[asyncio.Future] = None  # the read socket's server, from the first read_address
 
     async def apply(self, events: Sequence[Event]) -> dict[str, int]:
-        if self.retired:
-            raise ShardRetired(f"profile shard {self.shard.shard} of {self.cfg.num_shards} is retired: "
-                               "the service is re-partitioning its users; retry the request")
         started = time.perf_counter()
         index, texts = self.shard.recommender.index, self.shard.recommender.text_vectors
         if any((e.item_id is not None and e.item_id not in index) or (e.text and text_hash(e.text) not in texts)
@@ -165,10 +165,17 @@ class ShardActor:
         return self.config
 
     async def retire(self) -> None:
-        """Snapshot everything and refuse writes from now on (reads still work)."""
-        if not self.retired:
-            self.shard.snapshot()
-            self.retired = True
+        """Snapshot everything and refuse writes from now on, restarts included (reads still work)."""
+        if not self.shard.retired:
+            self.shard.retire()
+
+    async def snapshot(self) -> None:
+        """Write the shard's whole state now (recovery then replays no log)."""
+        self.shard.snapshot()
+
+    async def resume(self) -> None:
+        """Take writes again after an abandoned move."""
+        self.shard.resume()
 
     async def ping(self) -> int:
         return os.getpid()
@@ -180,38 +187,43 @@ class LayoutKeeper:
     cannot race (see the module docstring)."""
 
     def ensure(self, config: dict[str, Any], app_name: str) -> dict[str, Any]:
-        """Re-partition for a changed shard count, restart shards whose settings changed, remove
-        retired layouts; returns the current layout."""
+        """Re-partition for a changed shard count, remove every other layout (the old one of a
+        finished move, or the half-written new one of a move abandoned by reverting the count),
+        let the current layout's shards take writes, restart shards whose settings changed;
+        returns the current layout."""
         import ray
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         cfg = from_dict(ServeConfig, config)
         location = storage.join(cfg.state_dir, LAYOUT_FILE)
-        layout = storage.read_json(location) if storage.exists(location) else {"num_shards": cfg.num_shards}
-        retired = list(layout.get("retired", []))
-        old = layout["num_shards"]
-        if old != cfg.num_shards:
-            log.info("re-partitioning the profiles from %d to %d shards", old, cfg.num_shards)
+        current = storage.read_json(location)["num_shards"] if storage.exists(location) else cfg.num_shards
+        if current != cfg.num_shards:
+            log.info("re-partitioning the profiles from %d to %d shards", current, cfg.num_shards)
             started = time.perf_counter()
-            ray.get([handle.retire.remote() for _, handle in find_shards(app_name, old)])
-            moved = repartition(cfg.state_dir, old, cfg.num_shards, load_serving_recommender(cfg))
-            retired.append(old)
-            log.info("moved %d users from %d to %d shards in %.1f s", moved, old, cfg.num_shards,
+            # durable: an old shard restarted from here on still refuses writes
+            ray.get([handle.retire.remote() for _, handle in find_shards(app_name, current)])
+            moved = repartition(cfg.state_dir, current, cfg.num_shards, load_serving_recommender(cfg))
+            log.info("moved %d users from %d to %d shards in %.1f s", moved, current, cfg.num_shards,
                      time.perf_counter() - started)
-        # a layout retired by an interrupted earlier change may be the one now in use again
-        retired = [n for n in retired if n != cfg.num_shards]
-        storage.write_json({"num_shards": cfg.num_shards, "retired": retired}, location, durable=True)
-        for n in retired:
-            for name, _ in find_shards(app_name, n):
-                stop_actor(name)
-            storage.delete(layout_root(cfg.state_dir, n))
-        for name, handle in find_shards(app_name, cfg.num_shards):
+        layout = {"num_shards": cfg.num_shards}
+        storage.write_json(layout, location, durable=True)
+        for n in layouts(cfg.state_dir):
+            if n != cfg.num_shards:
+                for name, _ in find_shards(app_name, n):
+                    stop_actor(name)
+                storage.delete(layout_root(cfg.state_dir, n))
+        running = dict(find_shards(app_name, cfg.num_shards))
+        for shard in range(cfg.num_shards):  # retired by a move that was then abandoned
+            name = shard_actor_name(app_name, shard, cfg.num_shards)
+            if name in running:
+                ray.get(running[name].resume.remote())
+            else:
+                ShardStore(layout_root(cfg.state_dir, cfg.num_shards), shard).clear_retired()
+        for name, handle in running.items():
             if ray.get(handle.settings.remote()) != config:
                 log.info("settings changed: restarting profile shard actor %s with the new ones", name)
-                ray.get(handle.retire.remote())
+                ray.get(handle.snapshot.remote())  # a quicker recovery; the log alone would do
                 stop_actor(name)
-        layout = {"num_shards": cfg.num_shards, "retired": []}
-        storage.write_json(layout, location, durable=True)
         return layout
 
 
@@ -247,6 +259,20 @@ def stop_actor(name: str, timeout_s: float = 60.0) -> None:
         ray.kill(handle, no_restart=True)
         time.sleep(0.2)
     raise TimeoutError(f"actor {name} did not stop within {timeout_s:.0f} s")
+
+
+def stop_application_actors(app_name: str) -> list[str]:
+    """Stop every shard actor (of any layout) and the LayoutKeeper of application `app_name`;
+    returns their names. They are detached, so deleting the Serve application leaves them running:
+    stop them before replacing the state folder they write to (a restore)."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == NAMESPACE and (a["name"].startswith(f"{app_name}-shard-")
+                                                 or a["name"] == f"{app_name}-layout")]
+    for name in names:
+        stop_actor(name)
+    return names
 
 
 def open_shards(cfg: ServeConfig, app_name: str) -> list[Any]:
