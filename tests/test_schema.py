@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from profilerec.errors import ValidationError
-from profilerec.schema import (EVENTS_SCHEMA, ITEMS_SCHEMA, InvalidRows, clean_events, clean_items,
+from profilerec.schema import (EVENTS_SCHEMA, ITEMS_SCHEMA, InvalidRows, check_event_time, clean_events, clean_items,
                                validate_event)
 
 GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "type": "click", "ts": 1_600_000_000}
@@ -128,3 +128,14 @@ def test_invalid_rows_merge_and_summary():
     assert a.total == 4 and dict(a.reasons) == {"bad ts": 3, "no id": 1}
     assert a.examples["bad ts"] == ["r1", "r2", "r3"]
     assert "4 invalid rows" in a.summary() and InvalidRows().summary() == "no invalid rows"
+
+
+def test_event_times_too_far_ahead_or_too_old_are_refused_by_the_stated_rule():
+    now = 1_800_000_000.0
+    check_event_time(now + 300, now, max_ahead_s=300, max_age_s=None)
+    check_event_time(0.0, now, max_ahead_s=300, max_age_s=None)  # no age limit unless set
+    with pytest.raises(ValidationError, match="^ts: .* 301 s after the service's clock"):
+        check_event_time(now + 301, now, max_ahead_s=300, max_age_s=None)
+    with pytest.raises(ValidationError, match="^ts: .* 86401 s before the service's clock"):
+        check_event_time(now - 86401, now, max_ahead_s=300, max_age_s=86400)
+    check_event_time(now - 86400, now, max_ahead_s=300, max_age_s=86400)

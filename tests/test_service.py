@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import requests
 from profilerec.datasets import read_prepared
 from profilerec.profile import states_from_table
 from profilerec.schema import events_from_table
-from profilerec.shard import shard_of
+from profilerec.shard import DEDUP_WINDOW, shard_of
 from profilerec.shard_actors import NAMESPACE, load_serving_recommender, shard_actor_name
 from profilerec.storage import read_table
 
@@ -84,6 +85,7 @@ def test_events_move_the_recommendations_and_repeats_change_nothing(service):
     (lambda e: e.update(value="five"), "value"),
     (lambda e: e.pop("user_id"), "user_id"),
     (lambda e: e.update(text="x" * 10_001), "text"),
+    (lambda e: e.update(ts=time.time() + 3600), "ts"),  # more than max_ahead_s after the service's clock
 ])
 def test_bad_events_get_a_4xx_naming_the_field_and_nothing_is_applied(service, mutate, field):
     items = item_ids(service)
@@ -95,6 +97,16 @@ def test_bad_events_get_a_4xx_naming_the_field_and_nothing_is_applied(service, m
     assert field in str(r.json()["detail"]), r.text
     assert "Traceback" not in r.text
     assert requests.get(f"{service['url']}/v1/users/strict/profile", timeout=60).status_code == 404
+
+
+def test_a_batch_with_more_events_of_one_user_than_a_retry_is_recognised_by_is_refused(service):
+    items = item_ids(service)
+    batch = [{"event_id": f"many-{n}", "user_id": "many", "item_id": items[n % len(items)], "type": "view",
+              "ts": 1_700_000_000 + n} for n in range(DEDUP_WINDOW + 1)]
+    r = post(service, batch)
+    assert r.status_code == 422 and f"at most {DEDUP_WINDOW} per user" in r.text, r.text
+    assert post(service, batch[:DEDUP_WINDOW]).json() == {"accepted": DEDUP_WINDOW, "duplicates": 0}
+    assert post(service, batch[:DEDUP_WINDOW]).json() == {"accepted": 0, "duplicates": DEDUP_WINDOW}
 
 
 def test_malformed_requests_get_4xx(service):
@@ -136,6 +148,26 @@ def test_profile_explains_and_delete_forgets(service):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 assert b"forgetme" not in f.read(), os.path.join(root, name)
+
+
+def test_an_id_with_a_slash_or_in_another_spelling_is_one_user_on_every_route(service):
+    """Every user id POST /v1/events accepts can be read and deleted: ids holding "/" (sent as %2F
+    or as is), and the NFD or padded spellings of an id, which name its NFC form (test_ids.py)."""
+    url, items = service["url"], item_ids(service)
+    r = post(service, [{"event_id": "sl-1", "user_id": " team/cafe\u0301 ", "item_id": items[3], "type": "purchase",
+                        "ts": 1_700_000_000}])
+    assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+    for path in ("team%2Fcaf%C3%A9", "team/caf%C3%A9", "team%2Fcafe%CC%81"):
+        got = requests.get(f"{url}/v1/users/{path}/recommendations", timeout=60)
+        assert got.status_code == 200, got.text
+        assert got.json()["user_id"] == "team/café" and got.json()["cold_start"] is False
+    profile = requests.get(f"{url}/v1/users/team%2Fcaf%C3%A9/profile", timeout=60)
+    assert profile.status_code == 200 and [e["item_id"] for e in profile.json()["recent_events"]] == [items[3]]
+    r = requests.delete(f"{url}/v1/users/team%2Fcafe%CC%81", headers=AUTH, timeout=60)
+    assert r.status_code == 200 and r.json() == {"user_id": "team/café", "forgotten": True}, r.text
+    assert requests.get(f"{url}/v1/users/team%2Fcaf%C3%A9/profile", timeout=60).status_code == 404
+    blank = requests.get(f"{url}/v1/users/%20/profile", timeout=60)
+    assert blank.status_code == 422 and "user_id" in blank.text and "Traceback" not in blank.text
 
 
 def test_put_items_adds_them_to_every_shard_with_no_restart(service):

@@ -33,6 +33,7 @@ import time
 from typing import Any, Callable, Optional
 
 from profilerec import storage
+from profilerec.pseudonym import pseudonym
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ async def serve_reads(path: str, operations: dict[str, Callable[..., Any]]) -> a
 
 
 def _answer(line: bytes, operations: dict[str, Callable[..., Any]]) -> bytes:
+    request: Any = None
     try:
         request = json.loads(line)
         op = operations.get(request.get("op"))
@@ -84,9 +86,22 @@ def _answer(line: bytes, operations: dict[str, Callable[..., Any]]) -> bytes:
             raise ValueError(f"unknown read operation {request.get('op')!r}")
         reply = {"result": op(**request.get("args", {}))}
     except Exception as error:  # the reader gets the message; the traceback stays in this log
-        log.exception("read channel: %s failed", line[:200].decode("utf-8", "replace"))
+        log.exception("read channel: %s failed", _loggable(request))
         reply = {"error": f"{type(error).__name__}: {error}"}
     return json.dumps(reply).encode("utf-8") + b"\n"
+
+
+def _loggable(request: Any) -> str:
+    """What the log may say of a request: its operation and a pseudonym of its user, never the
+    request line (it holds the user id in clear)."""
+    if not isinstance(request, dict):
+        return "an unreadable request"
+    args = request.get("args")
+    user_id = args.get("user_id") if isinstance(args, dict) else None
+    described = f"read {str(request.get('op'))[:40]!r}"
+    if isinstance(user_id, str):
+        described += f" of user {pseudonym(user_id)}"
+    return described
 
 
 class ReadClient:

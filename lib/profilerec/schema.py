@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
@@ -130,14 +131,14 @@ def validate_event(raw: dict[str, Any], known_items: Optional[Any] = None) -> Ev
     (the service fills it with the arrival time before calling when a client omits it).
     `known_items`, when given, is anything supporting `in`; an item id outside it is rejected.
     """
-    event_id = _check_id(raw.get("event_id"), "event_id")
-    user_id = _check_id(raw.get("user_id"), "user_id")
+    event_id = normalize_id(raw.get("event_id"), "event_id")
+    user_id = normalize_id(raw.get("user_id"), "user_id")
     etype = raw.get("type")
     if etype not in EVENT_TYPES:
         raise ValidationError("type", f"must be one of {', '.join(EVENT_TYPES)}; got {etype!r}")
     item_id = raw.get("item_id")
     if item_id is not None:
-        item_id = _check_id(item_id, "item_id")
+        item_id = normalize_id(item_id, "item_id")
         if known_items is not None and item_id not in known_items:
             raise ValidationError("item_id", f"unknown item {item_id!r}: add it with PUT /v1/items first")
     text = raw.get("text")
@@ -193,10 +194,34 @@ def parse_timestamp(value: Any, name: str) -> float:
     raise ValidationError(name, f"must be a number or an ISO-8601 string; got {type(value).__name__}")
 
 
-def _check_id(value: Any, name: str) -> str:
+def check_event_time(ts: float, now: float, max_ahead_s: float, max_age_s: Optional[float]) -> None:
+    """ValidationError naming `ts` when an event's time is more than `max_ahead_s` after `now` (a
+    clock off, or milliseconds sent as seconds) or, when `max_age_s` is set, more than that before
+    it. The service refuses such events rather than clamping them: a moved time would be a
+    silently wrong profile."""
+    if ts > now + max_ahead_s:
+        raise ValidationError("ts", f"{ts:.0f} is {ts - now:.0f} s after the service's clock (at most {max_ahead_s:g} "
+                                    "s ahead are accepted): send seconds since the epoch, UTC")
+    if max_age_s is not None and ts < now - max_age_s:
+        raise ValidationError("ts", f"{ts:.0f} is {now - ts:.0f} s before the service's clock (at most {max_age_s:g} "
+                                    "s old are accepted)")
+
+
+def canonical_id(text: str) -> str:
+    """The one spelling of an id: Unicode NFC, without surrounding whitespace (see normalize_id)."""
+    return unicodedata.normalize("NFC", text).strip()
+
+
+def normalize_id(value: Any, name: str) -> str:
+    """The one spelling of a user, item or event id, or ValidationError naming field `name`.
+
+    Strings (and integers, as their digits) are put in Unicode NFC and stripped of surrounding
+    whitespace, so "café" typed precomposed or as "e" + combining accent, and " alice " and
+    "alice", are the same id on every route of the service and in every job's tables.
+    """
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValidationError(name, "is required and must be a string (or an integer)")
-    value = str(value).strip()
+    value = canonical_id(str(value))
     if not value:
         raise ValidationError(name, "must not be empty")
     if len(value) > MAX_ID_CHARS:
@@ -322,8 +347,10 @@ def _ids(series: pd.Series) -> pd.Series:
             return None
         if isinstance(v, float) and v.is_integer():
             v = int(v)
-        s = str(v).strip()
-        return s if s and len(s) <= MAX_ID_CHARS else None
+        try:
+            return normalize_id(str(v), "id")  # the service's rule, so both find the same ids
+        except ValidationError:
+            return None
 
     return series.map(norm).astype(object)
 

@@ -17,10 +17,12 @@ import logging
 import os
 import secrets
 import time
+from collections import Counter
 from typing import Annotated, Any, Literal, Optional, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 from fastapi import FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,18 +34,21 @@ from profilerec import storage
 from profilerec.config import ServeConfig, from_dict, load_config, to_dict
 from profilerec.catalog import ITEMS_LOG, TEXTS_LOG
 from profilerec.encoder import text_hash
-from profilerec.errors import ShardRetired, ValidationError
-from profilerec.schema import EVENT_TYPES, ITEMS_SCHEMA, MAX_ID_CHARS, MAX_TEXT_CHARS, item_text, validate_event
+from profilerec.errors import ConfigError, ShardRetired, StorageUnavailable, ValidationError
+from profilerec.schema import (EVENT_TYPES, ITEMS_SCHEMA, MAX_ID_CHARS, MAX_TEXT_CHARS, check_event_time, item_text,
+                               normalize_id, validate_event)
 from profilerec.profile_board import BoardReader
 from profilerec.read_channel import ChannelClosed, ReadClient
 from profilerec.shard_actors import apply_learned, load_serving_recommender, open_shards, serving_logs
-from profilerec.shard import pseudonym, recommendation, shard_of, state_codec
+from profilerec.pseudonym import pseudonym
+from profilerec.shard import DEDUP_WINDOW, recommendation, shard_of, state_codec
 
 log = logging.getLogger("profilerec.serve")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_TITLE_CHARS = 1000
-USER_ID = Path(min_length=1, max_length=MAX_ID_CHARS, description="the user's id, as in their events")
+USER_ID = Path(min_length=1, max_length=MAX_ID_CHARS,
+               description="the user's id, as in their events (percent-encoded; it may hold '/')")
 RETRY_AFTER_S = 1  # what 503 answers (overload, re-partitioning) tell clients to wait
 
 api = FastAPI(
@@ -70,7 +75,11 @@ class EventIn(BaseModel):
 
 
 class EventsIn(BaseModel):
-    """A batch of events, applied all or nothing."""
+    """A batch of events: checked whole before anything is written (one bad event refuses it), then
+    each shard logs its users' part all or nothing. Across shards it is not atomic: after an error,
+    retry the same batch, and what was applied counts as duplicates. An event id is recognised as a
+    repeat while it is among its user's last 128 accepted events, so a batch holds at most 128
+    events per user."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -185,9 +194,10 @@ def _unwrap(error: BaseException) -> BaseException:
 
 @api.exception_handler(Exception)
 async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
-    """Never a stack trace to the client: 503 + Retry-After while shards move, else a logged 500."""
+    """Never a stack trace to the client: 503 + Retry-After while shards move or cannot write
+    their state (the message says why; nothing of the request was acknowledged), else a logged 500."""
     cause = _unwrap(error)
-    if isinstance(cause, ShardRetired):
+    if isinstance(cause, (ShardRetired, StorageUnavailable)):
         return JSONResponse(status_code=503, content={"detail": str(cause)},
                             headers={"Retry-After": str(RETRY_AFTER_S)})
     route = request.scope.get("route")  # the path template: user ids stay out of the logs
@@ -200,17 +210,69 @@ def _now() -> float:
 
 
 def api_token(cfg: ServeConfig) -> str:
-    """The write token: $PROFILEREC_API_TOKEN, else the token file (created once, mode 0600)."""
+    """The write token: $PROFILEREC_API_TOKEN (`cfg.token_env`), else the token file (default
+    <state_dir>/api_token, generated once, owner-only from its creation).
+
+    ConfigError, naming the variable or the file, when the token found there is blank or holds
+    other than printable ASCII: the service never runs with an empty token, nor with one no HTTP
+    client could send (headers carry ASCII; such a token made every write a 500)."""
     token = os.environ.get(cfg.token_env)
-    if token:
-        return token.strip()
+    if token:  # unset and "" both mean: use the token file
+        return _checked_token(token, f"${cfg.token_env}", "set it to a token, or unset it to use the token file")
     location = cfg.token_file or storage.join(cfg.state_dir, "api_token")
     if not storage.exists(location):
-        storage.write_bytes(secrets.token_urlsafe(32).encode(), location)
-        if not storage.is_uri(location):
-            os.chmod(location, 0o600)
-        log.warning("no API token configured: generated one in %s", location)
-    return storage.read_bytes(location).decode().strip()
+        _create_token_file(location)
+    try:
+        token = storage.read_bytes(location).decode("utf-8")
+    except UnicodeDecodeError:
+        token = "\ufffd"  # reported as not ASCII below
+    return _checked_token(token, f"the API token file {location}",
+                          "write a token into it, or delete it to have one generated")
+
+
+def _checked_token(token: str, where: str, fix: str) -> str:
+    token = token.strip()
+    if not token:
+        raise ConfigError(f"{where} holds a blank API token: {fix}")
+    if not (token.isascii() and token.isprintable()):
+        raise ConfigError(f"{where} holds an API token with characters other than printable ASCII, which HTTP "
+                          f"clients cannot send in a header: {fix}")
+    return token
+
+
+def _create_token_file(location: str) -> None:
+    token = secrets.token_urlsafe(32).encode()
+    fs, path = storage.resolve(location)
+    if isinstance(fs, pafs.LocalFileSystem):  # a plain path or file://
+        storage.create_private_file(path, token)
+    else:  # object stores have no file modes: the bucket's policy protects it
+        storage.write_bytes(token, location)
+    log.warning("no API token configured: generated one in %s", location)
+
+
+def check_bearer(authorization: Optional[str], token: str) -> None:
+    """Pass when the `Authorization` header value is `Bearer <token>`; else raise HTTPException:
+    401 when the header or its Bearer scheme is missing, 403 for any other token."""
+    if not authorization or not authorization.startswith("Bearer "):
+        raise HTTPException(401, "this endpoint needs an 'Authorization: Bearer <token>' header",
+                            headers={"WWW-Authenticate": "Bearer"})
+    given = authorization[len("Bearer "):].strip()
+    # as bytes: compare_digest raises TypeError for str with non-ASCII characters (a 500)
+    if not secrets.compare_digest(_utf8(given), _utf8(token)):
+        raise HTTPException(403, "the bearer token is not valid")
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")  # any str, even one no HTTP header could hold
+
+
+def _path_user_id(raw: str) -> str:
+    """The user id of a route's path in its one spelling (schema.normalize_id); a 422 naming it
+    when it is blank."""
+    try:
+        return normalize_id(raw, "user_id")
+    except ValidationError as e:
+        raise HTTPException(422, [{"loc": ["path", "user_id"], "msg": e.problem}]) from None
 
 
 @serve.deployment(name="Encoder", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256,
@@ -345,17 +407,10 @@ class Ingress:
         state, _ = self.codec.unpack(user_id, packed, self.recommender.index.dim, counters=False)
         return recommendation(self.recommender, state, k, exclude_seen, brand, category)
 
-    def _require_token(self, authorization: Optional[str]) -> None:
-        if not authorization or not authorization.startswith("Bearer "):
-            raise HTTPException(401, "this endpoint needs an 'Authorization: Bearer <token>' header",
-                                headers={"WWW-Authenticate": "Bearer"})
-        if not secrets.compare_digest(authorization[len("Bearer "):].strip(), self.token):
-            raise HTTPException(403, "the bearer token is not valid")
-
     @api.post("/v1/events", response_model=EventsOut)
     async def post_events(self, body: EventsIn, authorization: Optional[str] = Header(default=None)):
         """Apply a batch of events; every accepted event is durable before the answer."""
-        self._require_token(authorization)
+        check_bearer(authorization, self.token)
         now = _now()
         if any(e.item_id is not None and e.item_id not in self.recommender.index for e in body.events):
             self._catch_up()  # perhaps added through another replica
@@ -365,9 +420,15 @@ class Ingress:
             if data["ts"] is None:
                 data["ts"] = now
             try:
-                events.append(validate_event(data, self.recommender.index))
+                event = validate_event(data, self.recommender.index)
+                check_event_time(event.ts, now, self.cfg.max_ahead_s, self.cfg.max_age_s)
             except ValidationError as e:
                 return _client_error(422, ["body", "events", i, e.field], e.problem)
+            events.append(event)
+        most = max(Counter(e.user_id for e in events).values())
+        if most > DEDUP_WINDOW:  # a retry of the batch must be recognised whole (shard.py)
+            return _client_error(422, ["body", "events"], f"{most} events of one user; a batch may hold at most "
+                                                          f"{DEDUP_WINDOW} per user: send the rest in another batch")
         await self._encode_new_texts(events)
         by_shard: dict[int, list] = {}
         for event in events:
@@ -379,9 +440,13 @@ class Ingress:
     @api.put("/v1/items", response_model=ItemsOut)
     async def put_items(self, body: ItemsIn, authorization: Optional[str] = Header(default=None)):
         """Add or replace items: encoded, made durable, then recommended by every shard."""
-        self._require_token(authorization)
+        check_bearer(authorization, self.token)
         seen: set[str] = set()
         for i, item in enumerate(body.items):
+            try:
+                item.item_id = normalize_id(item.item_id, "item_id")  # as events name it (validate_event)
+            except ValidationError as e:
+                return _client_error(422, ["body", "items", i, "item_id"], e.problem)
             if item.item_id in seen:
                 return _client_error(422, ["body", "items", i, "item_id"], f"item {item.item_id!r} appears twice")
             seen.add(item.item_id)
@@ -399,11 +464,16 @@ class Ingress:
         log.info("upserted %d items (%d new)", len(rows), new)
         return ItemsOut(upserted=len(rows), new=new)
 
-    @api.get("/v1/users/{user_id}/recommendations")
+    # "{user_id:path}" on the user routes: events take any id, "/" included (so do the jobs' tables,
+    # whose ids come from other systems), and a client's %2F reaches the app decoded, so a plain
+    # {user_id} left such users unreadable and undeletable. Refusing "/" at write time instead
+    # would strand the users already written. The fixed suffixes keep the three routes apart.
+    @api.get("/v1/users/{user_id:path}/recommendations")
     async def recommendations(self, user_id: str = USER_ID, k: int = Query(10, ge=1, le=200), exclude_seen: bool = False,
                               brand: Optional[str] = Query(None, max_length=200),
                               category: Optional[str] = Query(None, max_length=200)):
         """The top-k items for the user (popular items for a user with no events yet)."""
+        user_id = _path_user_id(user_id)
         started = time.perf_counter()
         answer = self._recommend_from_board(user_id, k, exclude_seen, brand, category)
         self.reads["shard" if answer is None else "board"] += 1
@@ -413,18 +483,20 @@ class Ingress:
         _metrics().recommend_seconds.observe(time.perf_counter() - started)
         return JSONResponse(answer)  # plain JSON types already: skips FastAPI's jsonable_encoder walk
 
-    @api.get("/v1/users/{user_id}/profile")
+    @api.get("/v1/users/{user_id:path}/profile")
     async def profile(self, user_id: str = USER_ID):
         """What the profile holds: interests, recent events, and why the top items are chosen."""
+        user_id = _path_user_id(user_id)
         described = await self._read("describe", user_id)
         if described is None:
             raise HTTPException(404, f"no profile for user {user_id!r}: it has no events")
         return described
 
-    @api.delete("/v1/users/{user_id}")
+    @api.delete("/v1/users/{user_id:path}")
     async def forget(self, user_id: str = USER_ID, authorization: Optional[str] = Header(default=None)):
         """Forget the user everywhere: memory, log and snapshots."""
-        self._require_token(authorization)
+        check_bearer(authorization, self.token)
+        user_id = _path_user_id(user_id)
         known = await self.shards[shard_of(user_id, self.cfg.num_shards)].forget.remote(user_id)
         log.info("forget request for user %s (known: %s)", pseudonym(user_id), known)
         return {"user_id": user_id, "forgotten": known}

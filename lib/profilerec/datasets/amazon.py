@@ -18,7 +18,7 @@ import pandas as pd
 from profilerec import storage
 from profilerec.datasets.common import PreparedData, cases_table, finish, read_csv, read_jsonl, require_dir
 from profilerec.errors import DataError
-from profilerec.schema import InvalidRows, clean_events, clean_items
+from profilerec.schema import InvalidRows, canonical_id, clean_events, clean_items
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ class _Sequences:
 
     def add_row(self, split: str, user: str, history: str, target: str) -> None:
         """Append one row's target to its user's sequence and record its case (or skip the row)."""
-        user, target, hist = (user or "").strip(), (target or "").strip(), (history or "").split()
+        user, target = canonical_id(user or ""), canonical_id(target or "")
+        hist = [canonical_id(h) for h in (history or "").split()]
         row = {"split": split, "user_id": user, "history": history, "item_id": target}
         if not user:
             self.report.add("missing user_id", 1, [row])
