@@ -27,7 +27,6 @@ import threading
 import time
 
 import numpy as np
-
 from machine import describe  # bench/machine.py (the script's folder is on sys.path)
 
 EVENTS_PER_USER = 10
@@ -39,13 +38,12 @@ def generate(folder: str, users: int, items: int, dim: int, seed: int = 0) -> di
     """Write a prepared log of `users` x 10 events and the item embeddings under `folder`."""
     import pyarrow as pa
     import pyarrow.compute as pc
-
-    from profilerec import storage
-    from profilerec.datasets import write_prepared
-    from profilerec.datasets.common import PreparedData
-    from profilerec.datasets.protocol import leave_last_positive_out, positive_mask
-    from profilerec.embeddings import vectors_to_arrow
-    from profilerec.schema import EVENTS_SCHEMA, InvalidRows
+    from profilerec.data import storage
+    from profilerec.data.datasets import write_prepared
+    from profilerec.data.datasets.common import PreparedData
+    from profilerec.data.datasets.protocol import leave_last_positive_out, positive_mask
+    from profilerec.data.schema import EVENTS_SCHEMA, InvalidRows
+    from profilerec.data.vectors import vectors_to_arrow
 
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -103,15 +101,15 @@ def child(job: str, folder: str, workers: int | None) -> None:
         args = json.loads(os.environ["BATCH_SCALE_GENERATE"])
         summary = generate(folder, **args)
     elif job == "profiles":
-        from profilerec.batch_profiles import run_profiles
+        from profilerec.batch.profiles import run_profiles
         from profilerec.config import ProfilesConfig
 
         summary = run_profiles(ProfilesConfig(input=f"{folder}/prepared", embeddings=f"{folder}/embeddings",
                                               model=f"{folder}/no-model", output=f"{folder}/profiles",
                                               workers=workers))
     else:
+        from profilerec.batch.evaluate import run_evaluate
         from profilerec.config import EvaluateConfig
-        from profilerec.evaluation import run_evaluate
 
         report = run_evaluate(EvaluateConfig(input=f"{folder}/prepared", embeddings=f"{folder}/embeddings",
                                              model=f"{folder}/no-model", output=f"{folder}/report",

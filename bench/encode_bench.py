@@ -36,7 +36,6 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-
 from machine import describe  # bench/machine.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +46,7 @@ class TextMaker:
     """Realistic item and event texts from the bundled catalog sample."""
 
     def __init__(self, seed: int = 0):
-        from profilerec.schema import item_text
+        from profilerec.data.schema import item_text
 
         self.rng = np.random.default_rng(seed)
         rows = [json.loads(line) for line in open(SAMPLE / "items.jsonl")]
@@ -78,15 +77,15 @@ class TextMaker:
 def sample_prepared(folder: str) -> None:
     """The bundled sample through the prepare job (items, events without texts, cases)."""
     from profilerec.config import PrepareConfig
-    from profilerec.datasets import prepare
+    from profilerec.data.datasets import prepare
 
     prepare(PrepareConfig(source="amazon", input=str(SAMPLE), output=folder))
 
 
 def write_with_texts(base: str, folder: str, texts: list[str], repeat: int) -> None:
     """`base` prepared data plus one search/review event per text occurrence (each text `repeat` times)."""
-    from profilerec.datasets import PreparedData, read_prepared, write_prepared
-    from profilerec.schema import EVENTS_SCHEMA
+    from profilerec.data.datasets import PreparedData, read_prepared, write_prepared
+    from profilerec.data.schema import EVENTS_SCHEMA
 
     data = read_prepared(base)
     n = len(texts) * repeat
@@ -103,12 +102,12 @@ def write_with_texts(base: str, folder: str, texts: list[str], repeat: int) -> N
 
 def side_by_side(args: argparse.Namespace) -> None:
     import ray
-    from sentence_transformers import SentenceTransformer
-
+    from profilerec.batch.encode import resolve_precision, run_encode
     from profilerec.config import EncodeConfig
-    from profilerec.datasets import read_prepared
-    from profilerec.embeddings import item_texts, read_embeddings, resolve_precision, run_encode, vectors_from_arrow
-    from profilerec.encoder import resolve_model_path, text_hash
+    from profilerec.data.datasets import read_prepared
+    from profilerec.data.vectors import item_texts, read_embeddings, vectors_from_arrow
+    from profilerec.model.encoder import resolve_model_path, text_hash
+    from sentence_transformers import SentenceTransformer
 
     work = tempfile.mkdtemp(prefix="encode-bench-")
     try:
@@ -174,8 +173,8 @@ def write_log(folder: str, n_events: int, seed: int = 0, text_pool: Optional[int
     `text_pool` N instead caps the pools at 2N/5 queries and 3N/5 reviews (texts repeat more; the
     distinct count is printed).
     """
-    from profilerec.datasets import PreparedData, read_prepared, write_prepared
-    from profilerec.schema import EVENTS_SCHEMA
+    from profilerec.data.datasets import PreparedData, read_prepared, write_prepared
+    from profilerec.data.schema import EVENTS_SCHEMA
 
     sample_prepared(f"{folder}-sample")
     data = read_prepared(f"{folder}-sample")

@@ -13,8 +13,7 @@ import platform
 def describe() -> str:
     """Host, cores, CPU model (and whether it multiplies bf16 in hardware), memory, GPU, torch."""
     import torch
-
-    from profilerec.encoder import cpu_multiplies_bf16
+    from profilerec.model.encoder import cpu_multiplies_bf16
 
     cpu = platform.machine()
     try:

@@ -17,7 +17,6 @@ import tempfile
 import time
 
 import numpy as np
-
 from machine import describe  # bench/machine.py (the script's folder is on sys.path)
 
 
@@ -30,13 +29,13 @@ def rss_bytes() -> int:
 
 
 def main() -> None:
-    from profilerec.index import ItemIndex
-    from profilerec.packed import event_hash
-    from profilerec.profile import ProfileParams, build_profile
-    from profilerec.recommend import Recommender
-    from profilerec.schema import Event
-    from profilerec.shard import ProfileShard
-    from profilerec.store import ShardStore
+    from profilerec.data.schema import Event
+    from profilerec.model.index import ItemIndex
+    from profilerec.model.profile import ProfileParams, build_profile
+    from profilerec.model.recommend import Recommender
+    from profilerec.service.packed import event_hash
+    from profilerec.service.shard import ProfileShard
+    from profilerec.service.shard_store import ShardStore
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=1_000_000)

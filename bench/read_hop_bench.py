@@ -17,10 +17,8 @@ import time
 
 import numpy as np
 import ray
-
-from profilerec.read_channel import ReadClient, serve_reads, socket_path
-
 from machine import describe  # bench/machine.py (the script's folder is on sys.path)
+from profilerec.service.read_channel import ReadClient, serve_reads, socket_path
 
 
 @ray.remote(num_cpus=0.25)

@@ -44,7 +44,6 @@ from typing import Any, Callable
 
 import aiohttp
 import numpy as np
-
 from machine import describe  # bench/machine.py (the script's folder is on sys.path)
 
 
@@ -227,14 +226,14 @@ async def run_phases(args: argparse.Namespace, base: str, token: str, items: lis
 
 
 def main() -> None:
-    from ray import serve
-
-    from profilerec import storage
-    from profilerec.cluster import init_ray
+    from profilerec.cli.pipeline import stage_configs
     from profilerec.config import PipelineConfig, RayConfig
-    from profilerec.datasets import read_prepared
-    from profilerec.pipeline import stage_configs
-    from profilerec.service import api_token, build_app
+    from profilerec.data import storage
+    from profilerec.data.datasets import read_prepared
+    from profilerec.runtime.cluster import init_ray
+    from profilerec.service.api import build_app
+    from profilerec.service.auth import api_token
+    from ray import serve
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="work", help="a work folder built by `profilerec demo`")

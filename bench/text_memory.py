@@ -25,7 +25,6 @@ import tempfile
 import time
 
 import numpy as np
-
 from machine import describe  # bench/machine.py (the script's folder is on sys.path)
 
 
@@ -41,9 +40,9 @@ def memory_bytes() -> dict[str, int]:
 
 def measure(kind: str, folder: str, cache: str) -> dict[str, float]:
     """Load the folder one way and look up every 97th text; runs in its own process."""
-    from profilerec.embeddings import read_embeddings, vectors_from_arrow
-    from profilerec.storage import iter_tables
-    from profilerec.text_vectors import load_text_vectors
+    from profilerec.data.storage import iter_tables
+    from profilerec.data.vectors import read_embeddings, vectors_from_arrow
+    from profilerec.model.text_vectors import load_text_vectors
 
     probe = [h for t in iter_tables(folder, 65_536, columns=["text_hash"]) for h in t.column("text_hash").to_pylist()[::97]]
     before = memory_bytes()
@@ -76,9 +75,8 @@ def main() -> None:
         return
 
     import pyarrow as pa
-
-    from profilerec.embeddings import vectors_to_arrow
-    from profilerec.storage import write_table
+    from profilerec.data.storage import write_table
+    from profilerec.data.vectors import vectors_to_arrow
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -42,17 +42,16 @@ from typing import Any, Callable, Optional
 import numpy as np
 import pyarrow as pa
 import torch
-
 from machine import describe  # bench/machine.py (the script's folder is on sys.path)
 
 
 def plain_finetune(cfg, nice: int = 0, threads: Optional[int] = None) -> dict[str, Any]:
     """Samples/s of a single-process loop over the batches the job's first epoch trains on, run
     at niceness `nice` with `threads` torch threads (call it in a fresh process: see plain_in_process)."""
-    from profilerec.datasets import read_prepared
-    from profilerec.encoder import TextEncoder, pick_device
-    from profilerec.profile import ProfileParams
-    from profilerec.training import _item_texts, bf16_enabled, case_loss, epoch_batches, finetune_cases
+    from profilerec.data.datasets import read_prepared
+    from profilerec.model.encoder import TextEncoder, pick_device
+    from profilerec.model.profile import ProfileParams
+    from profilerec.training.finetune import _item_texts, bf16_enabled, case_loss, epoch_batches, finetune_cases
 
     if nice > os.nice(0):
         os.nice(nice - os.nice(0))
@@ -105,7 +104,7 @@ def plain_in_process(cfg, nice: int, threads: int, glibc_tunables: str = "") -> 
 
 def ray_finetune(cfg) -> dict[str, Any]:
     """Samples/s of the finetune job's first epoch, as the job recorded it in its manifest."""
-    from profilerec.training import run_finetune
+    from profilerec.training.finetune import run_finetune
 
     manifest = run_finetune(cfg)
     epoch = next(h for h in manifest["history"] if h["epoch"] == 1)
@@ -135,8 +134,8 @@ def compare_finetune(base: Any, workers: list[int], rounds: int, tmp: str) -> No
     torch threads of a one-worker job. Against the plain loop as anyone would run it, the ratio
     is what the job gives; against the plain loop with the job's malloc settings, it is what Ray
     Train itself costs."""
-    from profilerec.cluster import init_ray, model_worker_malloc
-    from profilerec.parallel import cores_per_worker
+    from profilerec.runtime.cluster import init_ray, model_worker_malloc
+    from profilerec.runtime.parallel import cores_per_worker
 
     init_ray(base.ray)
     ray_worker = ray_worker_conditions()
@@ -189,9 +188,9 @@ def ratios_text(ratios: list[float]) -> str:
 
 def write_random_embeddings(prepared: str, folder: str, dim: int = 384) -> None:
     """Random unit vectors for every item, in the layout the encode job writes."""
-    from profilerec import storage
-    from profilerec.datasets import read_prepared
-    from profilerec.embeddings import vectors_to_arrow
+    from profilerec.data import storage
+    from profilerec.data.datasets import read_prepared
+    from profilerec.data.vectors import vectors_to_arrow
 
     items = read_prepared(prepared).items.column("item_id")
     vectors = np.random.default_rng(0).normal(size=(len(items), dim)).astype(np.float32)
@@ -202,8 +201,8 @@ def write_random_embeddings(prepared: str, folder: str, dim: int = 384) -> None:
 
 def plain_scorer(cfg) -> dict[str, Any]:
     """Cases/s of train_epoch in one process, epochs after the first."""
-    from profilerec.model import ProfileScorer
-    from profilerec.scorer_training import case_tensors, train_epoch, training_setup
+    from profilerec.model.scorer import ProfileScorer
+    from profilerec.training.scorer import case_tensors, train_epoch, training_setup
 
     setup = training_setup(cfg)
     data = case_tensors(setup.recommender, setup.cases(cfg.train_splits), cfg.scorer)
@@ -221,7 +220,7 @@ def plain_scorer(cfg) -> dict[str, Any]:
 
 def ray_scorer(cfg) -> dict[str, Any]:
     """Cases/s of the train job, epochs after the first, from the history in its manifest."""
-    from profilerec.scorer_training import run_train
+    from profilerec.training.scorer import run_train
 
     manifest = run_train(cfg)
     rates = [h["samples_per_s"] for h in manifest["history"] if h["phase"] == "select"][1:]
@@ -250,9 +249,8 @@ def compare(job: str, base: Any, plain_run: Callable[[Any], dict], ray_run: Call
 
 def main() -> None:
     import ray
-
     from profilerec.config import FinetuneConfig, PrepareConfig, RayConfig, TrainConfig, default_data_path
-    from profilerec.datasets import prepare
+    from profilerec.data.datasets import prepare
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=16,

@@ -1,7 +1,7 @@
-"""`python jobs/evaluate.py [--config FILE.yaml] [--name value ...]`: see profilerec.commands.evaluate."""
+"""`python jobs/evaluate.py [--config FILE.yaml] [--name value ...]`: see profilerec.cli.commands.evaluate."""
 
-from profilerec.cli_support import run_job
-from profilerec.commands import evaluate
+from profilerec.cli.commands import evaluate
+from profilerec.cli.console import run_job
 
 if __name__ == "__main__":
     run_job(evaluate)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 
-from profilerec.cli_support import run_job
+from profilerec.cli.console import run_job
 from profilerec.config import PrepareConfig, load_config
-from profilerec.datasets import describe, prepare
+from profilerec.data.datasets import describe, prepare
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
-"""`python jobs/profiles.py [--config FILE.yaml] [--name value ...]`: see profilerec.commands.profiles."""
+"""`python jobs/profiles.py [--config FILE.yaml] [--name value ...]`: see profilerec.cli.commands.profiles."""
 
-from profilerec.cli_support import run_job
-from profilerec.commands import profiles
+from profilerec.cli.commands import profiles
+from profilerec.cli.console import run_job
 
 if __name__ == "__main__":
     run_job(profiles)

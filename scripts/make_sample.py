@@ -15,8 +15,8 @@ import json
 import os
 import sys
 
-from profilerec.datasets.amazon import load
-from profilerec.datasets.common import sample_user_ids
+from profilerec.data.datasets.amazon import load
+from profilerec.data.datasets.common import sample_user_ids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SOURCE = os.path.join(HERE, "..", "..", "shared", "data", "amazon-industrial")

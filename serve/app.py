@@ -3,14 +3,14 @@
     serve run serve.app:app                   settings from $PROFILEREC_SERVE_CONFIG (YAML) or defaults
     serve deploy serve/config.yaml            on a running cluster; settings under `args:` there
 
-The HTTP API, the deployments and the shard actors live in the library (profilerec.service,
-profilerec.shard_actors); this file only binds them to their settings.
+The HTTP API, the deployments and the shard actors live in the library (profilerec.service.api,
+profilerec.service.shard_actors); this file only binds them to their settings.
 """
 
 from typing import Any
 
 from profilerec.config import ServeConfig, from_dict
-from profilerec.service import app_from_env, build_app
+from profilerec.service.api import app_from_env, build_app
 
 
 def app_builder(args: dict[str, Any]):

@@ -105,11 +105,11 @@ def serve_config(work: Path, state: Path, **settings):
 def tiny_work(tmp_path_factory, ray_session):
     """A prepared + encoded + trained + profiled work folder of a few dozen real users: the untuned
     encoder's embeddings, a profile scorer trained on them (work/model/scorer), the batch profiles."""
-    from profilerec.batch_profiles import run_profiles
+    from profilerec.batch.encode import run_encode
+    from profilerec.batch.profiles import run_profiles
     from profilerec.config import EncodeConfig, PrepareConfig, ProfilesConfig, TrainConfig
-    from profilerec.datasets import prepare
-    from profilerec.embeddings import run_encode
-    from profilerec.scorer_training import run_train
+    from profilerec.data.datasets import prepare
+    from profilerec.training.scorer import run_train
 
     base = tmp_path_factory.mktemp("tiny")
     source = write_tiny_amazon(base / "source")

@@ -1,22 +1,21 @@
 """The batch jobs stream the log in chunks of whole users: the same results as the whole log at once."""
 
 import numpy as np
+import profilerec.data.datasets as datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-
-import profilerec.datasets as datasets
 from conftest import write_tiny_amazon
-from profilerec import storage
-from profilerec.batch_profiles import run_profiles
+from profilerec.batch.evaluate import split_recommender
+from profilerec.batch.profiles import run_profiles
 from profilerec.config import EvaluateConfig, PrepareConfig, ProfilesConfig
-from profilerec.embeddings import vectors_to_arrow
-from profilerec.evaluation import case_ranks, popularity_ranks, split_recommender
-from profilerec.metrics import ranking_metrics
-from profilerec.priors import item_priors, log_priors
-from profilerec.profile import build_profile, states_to_table
-from profilerec.recommend import load_recommender
-from profilerec.replay import hidden_event_ids, iter_cases, user_sequences
+from profilerec.data import storage
+from profilerec.data.vectors import vectors_to_arrow
+from profilerec.model.priors import item_priors, log_priors
+from profilerec.model.profile import build_profile, states_to_table
+from profilerec.model.ranking import case_ranks, popularity_ranks, ranking_metrics
+from profilerec.model.recommend import load_recommender
+from profilerec.model.replay import hidden_event_ids, iter_cases, user_sequences
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +69,7 @@ def test_profiles_and_evaluate_jobs_stream_to_the_whole_log_results(prepared, mo
     popularity = storage.read_table(str(tmp / "profiles" / "popularity.parquet"))
     assert pc.sum(popularity.column("count")).as_py() == data.events.num_rows  # every item is in the index
 
-    from profilerec.evaluation import run_evaluate
+    from profilerec.batch.evaluate import run_evaluate
 
     report = run_evaluate(EvaluateConfig(**folders, output=str(tmp / "report"), workers=2))
     cases = list(iter_cases(sequences, data.cases, ["test"], data.max_history))

@@ -9,9 +9,8 @@ import jsonschema
 import pytest
 import ray
 import yaml
-
-from profilerec.cluster import encoder_actor_resources, train_worker_resources
 from profilerec.config import EncodeConfig, FinetuneConfig, PipelineConfig, TrainConfig
+from profilerec.runtime.cluster import encoder_actor_resources, train_worker_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 

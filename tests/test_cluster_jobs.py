@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-
 from conftest import ROOT, free_port, write_tiny_amazon
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -191,8 +190,8 @@ def call(method, url, timeout=120, **kwargs):
 
 def test_serve_deploy_then_scale_ingress_and_shards_by_redeploying_loses_no_profile(submitted, cluster, s3, tmp_path,
                                                                                    monkeypatch):
-    from profilerec.datasets import read_prepared
-    from profilerec.shard import shard_of
+    from profilerec.data.datasets import read_prepared
+    from profilerec.service.shard import shard_of
 
     for name, value in s3["env"].items():  # read the prepared items from the bucket in this process too
         monkeypatch.setenv(name, value)

@@ -1,7 +1,6 @@
 """Job configs: YAML, flags, nested sections, clear errors."""
 
 import pytest
-
 from profilerec.config import EncodeConfig, PipelineConfig, load_config
 from profilerec.errors import ConfigError
 
@@ -34,9 +33,8 @@ def test_the_serve_config_file_is_valid_for_ray_serve_and_profilerec():
     from pathlib import Path
 
     import yaml
-    from ray.serve.schema import ServeDeploySchema
-
     from profilerec.config import ServeConfig, from_dict
+    from ray.serve.schema import ServeDeploySchema
 
     path = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))

@@ -10,13 +10,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-
 from profilerec.config import PrepareConfig
-from profilerec.datasets import load_source, prepare, read_prepared, write_prepared
-from profilerec.datasets.common import sample_user_ids
-from profilerec.datasets.protocol import leave_last_positive_out, positive_mask
+from profilerec.data.datasets import load_source, prepare, read_prepared, write_prepared
+from profilerec.data.datasets.common import sample_user_ids
+from profilerec.data.datasets.protocol import leave_last_positive_out, positive_mask
+from profilerec.data.schema import EVENTS_SCHEMA
 from profilerec.errors import ConfigError, DataError
-from profilerec.schema import EVENTS_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()

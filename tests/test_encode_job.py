@@ -4,14 +4,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-
-from profilerec import storage
+from profilerec.batch.encode import resolve_precision, run_encode
 from profilerec.config import EncodeConfig
-from profilerec.datasets import PreparedData, read_prepared, write_prepared
-from profilerec.embeddings import item_texts, read_embeddings, resolve_precision, run_encode, vectors_from_arrow
-from profilerec.encoder import TextEncoder, text_hash
+from profilerec.data import storage
+from profilerec.data.datasets import PreparedData, read_prepared, write_prepared
+from profilerec.data.schema import CASES_SCHEMA, InvalidRows, clean_events, clean_items
+from profilerec.data.vectors import item_texts, read_embeddings, vectors_from_arrow
 from profilerec.errors import ConfigError
-from profilerec.schema import CASES_SCHEMA, InvalidRows, clean_events, clean_items
+from profilerec.model.encoder import TextEncoder, text_hash
 
 
 def test_item_vectors_equal_the_encoders_direct_output(tiny_work):

@@ -4,15 +4,15 @@ import os
 
 import pytest
 import torch
-
-from profilerec.cluster import MODEL_WORKER_MALLOC
 from profilerec.config import FinetuneConfig
-from profilerec.datasets import read_prepared
-from profilerec.encoder import TextEncoder
-from profilerec.parallel import usable_cores
-from profilerec.profile import ProfileParams
-from profilerec.replay import iter_cases, user_sequences
-from profilerec.training import _item_texts, case_loss, epoch_batches, prefetch, run_finetune
+from profilerec.data.datasets import read_prepared
+from profilerec.model.encoder import TextEncoder
+from profilerec.model.profile import ProfileParams
+from profilerec.model.replay import iter_cases, user_sequences
+from profilerec.runtime.cluster import MODEL_WORKER_MALLOC
+from profilerec.runtime.parallel import usable_cores
+from profilerec.training.finetune import _item_texts, case_loss, epoch_batches, run_finetune
+from profilerec.training.harness import prefetch
 
 
 def training_loss(model: str, cases, texts) -> float:

@@ -5,10 +5,9 @@ import unicodedata
 
 import pandas as pd
 import pytest
-
-from profilerec import schema
+from profilerec.data import schema
+from profilerec.data.schema import InvalidRows, clean_events, clean_items, validate_event
 from profilerec.errors import ValidationError
-from profilerec.schema import InvalidRows, clean_events, clean_items, validate_event
 
 NFC = "café"
 NFD = "cafe\u0301"

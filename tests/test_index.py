@@ -1,8 +1,7 @@
 """Item index: top-K with exclusions and filters, upserts."""
 
 import numpy as np
-
-from profilerec.index import ItemIndex
+from profilerec.model.index import ItemIndex
 
 
 def make_index():

@@ -9,10 +9,9 @@ import jsonschema
 import pytest
 import ray
 import yaml
-from ray.serve.schema import ServeDeploySchema
-
-from profilerec.cluster import encoder_actor_resources, train_worker_resources
 from profilerec.config import EncodeConfig, ServeConfig, from_dict
+from profilerec.runtime.cluster import encoder_actor_resources, train_worker_resources
+from ray.serve.schema import ServeDeploySchema
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBE = ROOT / "deploy" / "kubernetes"

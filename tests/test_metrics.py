@@ -4,8 +4,7 @@ import math
 
 import numpy as np
 import pytest
-
-from profilerec.metrics import ranking_metrics, target_ranks
+from profilerec.model.ranking import ranking_metrics, target_ranks
 
 
 def test_ranks_count_strictly_better_items_and_ties_favour_the_target():

@@ -3,13 +3,12 @@
 import numpy as np
 import pytest
 import torch
-
 from profilerec.config import ScorerConfig
-from profilerec.index import ItemIndex
-from profilerec.model import ProfileScorer, load_scorer, save_scorer, scorer_batch
-from profilerec.priors import grown_priors, item_priors, read_priors, write_priors
-from profilerec.profile import ProfileParams, ProfileState, apply_event
-from profilerec.schema import Event
+from profilerec.data.schema import Event
+from profilerec.model.index import ItemIndex
+from profilerec.model.priors import grown_priors, item_priors, read_priors, write_priors
+from profilerec.model.profile import ProfileParams, ProfileState, apply_event
+from profilerec.model.scorer import ProfileScorer, load_scorer, save_scorer, scorer_batch
 
 ITEMS = [f"i{n}" for n in range(6)]
 

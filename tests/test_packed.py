@@ -1,10 +1,9 @@
 """Packed profile states: lossless, compact, and what a shard holds per user."""
 
 import numpy as np
-
-from profilerec.packed import StateCodec, event_hash, remember
-from profilerec.profile import ProfileParams, ProfileState, build_profile, states_to_table
-from profilerec.schema import Event
+from profilerec.data.schema import Event
+from profilerec.model.profile import ProfileParams, ProfileState, build_profile, states_to_table
+from profilerec.service.packed import StateCodec, event_hash, remember
 
 ITEMS = [f"i{n}" for n in range(50)]
 ROWS = {item: n for n, item in enumerate(ITEMS)}

@@ -5,10 +5,19 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from profilerec.profile import (ProfileParams, ProfileState, apply_event, build_profile, decay, event_weight,
-                                interest_vectors, states_from_table, states_to_table, zero_shot_query)
-from profilerec.schema import Event
+from profilerec.data.schema import Event
+from profilerec.model.profile import (
+    ProfileParams,
+    ProfileState,
+    apply_event,
+    build_profile,
+    decay,
+    event_weight,
+    interest_vectors,
+    states_from_table,
+    states_to_table,
+    zero_shot_query,
+)
 
 DAY = 86400.0
 

@@ -7,12 +7,10 @@ import sys
 
 import numpy as np
 import pyarrow as pa
-
-from profilerec.catalog import VectorLog
-from profilerec.profile_board import BoardReader, BoardWriter, user_key
-from profilerec.shard import ProfileShard, max_state_bytes, recommendation, state_codec
-from profilerec.store import ShardStore
-
+from profilerec.service.learned import VectorLog
+from profilerec.service.profile_board import BoardReader, BoardWriter, user_key
+from profilerec.service.shard import ProfileShard, max_state_bytes, recommendation, state_codec
+from profilerec.service.shard_store import ShardStore
 from test_shard import events, recommender
 
 
@@ -76,7 +74,7 @@ def test_a_slot_being_written_or_damaged_is_a_miss(tmp_path):
 
 
 def test_a_reader_sees_its_writer_die_and_the_next_writer_removes_the_dead_board(tmp_path):
-    code = ("import sys; from profilerec.profile_board import BoardWriter; "
+    code = ("import sys; from profilerec.service.profile_board import BoardWriter; "
             f"w = BoardWriter({str(tmp_path / 'a-1.board')!r}, 8, 1000); w.put('alice', b'state'); "
             "print(w.path, flush=True); sys.stdin.read()")
     writer = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

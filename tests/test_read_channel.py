@@ -8,8 +8,7 @@ import threading
 import time
 
 import pytest
-
-from profilerec.read_channel import ChannelClosed, ReadClient, ReadFailed, serve_reads, socket_path
+from profilerec.service.read_channel import ChannelClosed, ReadClient, ReadFailed, serve_reads, socket_path
 
 
 @pytest.fixture

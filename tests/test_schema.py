@@ -5,10 +5,16 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-
+from profilerec.data.schema import (
+    EVENTS_SCHEMA,
+    ITEMS_SCHEMA,
+    InvalidRows,
+    check_event_time,
+    clean_events,
+    clean_items,
+    validate_event,
+)
 from profilerec.errors import ValidationError
-from profilerec.schema import (EVENTS_SCHEMA, ITEMS_SCHEMA, InvalidRows, check_event_time, clean_events, clean_items,
-                               validate_event)
 
 GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "type": "click", "ts": 1_600_000_000}
 

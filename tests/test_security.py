@@ -10,12 +10,12 @@ import tempfile
 
 import pytest
 from fastapi import HTTPException
-
-from profilerec import service, storage
 from profilerec.config import ServeConfig
+from profilerec.data import storage
 from profilerec.errors import ConfigError
-from profilerec.read_channel import _answer
-from profilerec.pseudonym import log_key, pseudonym
+from profilerec.service import auth
+from profilerec.service.pseudonym import log_key, pseudonym
+from profilerec.service.read_channel import _answer
 
 TOKEN_ENV = "PROFILEREC_TEST_API_TOKEN"
 TOKEN = "s3cret-token"
@@ -39,12 +39,12 @@ def private_tmp(tmp_path, monkeypatch):
 def test_a_blank_token_in_the_environment_is_refused_naming_the_variable(tmp_path, monkeypatch, blank):
     monkeypatch.setenv(TOKEN_ENV, blank)
     with pytest.raises(ConfigError, match=TOKEN_ENV):
-        service.api_token(config(tmp_path))
+        auth.api_token(config(tmp_path))
 
 
 def test_an_empty_environment_variable_reads_as_unset(tmp_path, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, "")
-    assert len(service.api_token(config(tmp_path))) >= 32  # generated in the state folder
+    assert len(auth.api_token(config(tmp_path))) >= 32  # generated in the state folder
 
 
 def test_a_blank_token_file_is_refused_naming_the_file(tmp_path, monkeypatch):
@@ -52,7 +52,7 @@ def test_a_blank_token_file_is_refused_naming_the_file(tmp_path, monkeypatch):
     token_file = tmp_path / "token"
     token_file.write_text("  \n")
     with pytest.raises(ConfigError) as error:
-        service.api_token(config(tmp_path, token_file=str(token_file)))
+        auth.api_token(config(tmp_path, token_file=str(token_file)))
     assert str(token_file) in str(error.value) and "\n" not in str(error.value)
 
 
@@ -60,26 +60,26 @@ def test_a_blank_token_file_is_refused_naming_the_file(tmp_path, monkeypatch):
 def test_a_token_no_http_client_could_send_is_refused(tmp_path, monkeypatch, token):
     monkeypatch.setenv(TOKEN_ENV, token)
     with pytest.raises(ConfigError, match=TOKEN_ENV):
-        service.api_token(config(tmp_path))
+        auth.api_token(config(tmp_path))
     monkeypatch.delenv(TOKEN_ENV)
     (tmp_path / "token").write_bytes(token.encode("utf-8"))
     with pytest.raises(ConfigError, match="token file"):
-        service.api_token(config(tmp_path, token_file=str(tmp_path / "token")))
+        auth.api_token(config(tmp_path, token_file=str(tmp_path / "token")))
 
 
 def test_a_token_file_that_is_not_text_is_refused(tmp_path, monkeypatch):
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     (tmp_path / "token").write_bytes(b"\xff\xfe-binary")
     with pytest.raises(ConfigError, match="token file"):
-        service.api_token(config(tmp_path, token_file=str(tmp_path / "token")))
+        auth.api_token(config(tmp_path, token_file=str(tmp_path / "token")))
 
 
 def test_tokens_are_stripped(tmp_path, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, f"  {TOKEN}\n")
-    assert service.api_token(config(tmp_path)) == TOKEN
+    assert auth.api_token(config(tmp_path)) == TOKEN
     monkeypatch.delenv(TOKEN_ENV)
     (tmp_path / "token").write_text(f"{TOKEN}\n")
-    assert service.api_token(config(tmp_path, token_file=str(tmp_path / "token"))) == TOKEN
+    assert auth.api_token(config(tmp_path, token_file=str(tmp_path / "token"))) == TOKEN
 
 
 def test_the_generated_token_file_is_owner_only_from_its_creation(tmp_path, monkeypatch):
@@ -89,12 +89,12 @@ def test_the_generated_token_file_is_owner_only_from_its_creation(tmp_path, monk
     old_umask = os.umask(0o022)
     try:
         cfg = config(tmp_path)
-        token = service.api_token(cfg)
+        token = auth.api_token(cfg)
     finally:
         os.umask(old_umask)
     location = os.path.join(cfg.state_dir, "api_token")
     assert stat.S_IMODE(os.stat(location).st_mode) == 0o600
-    assert len(token) >= 32 and service.api_token(cfg) == token  # made once, then read
+    assert len(token) >= 32 and auth.api_token(cfg) == token  # made once, then read
     assert os.listdir(cfg.state_dir) == ["api_token"]  # no temporary file left behind
 
 
@@ -102,7 +102,7 @@ def test_a_token_file_given_as_a_file_uri_is_owner_only_too(tmp_path, monkeypatc
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     monkeypatch.setattr(os, "chmod", lambda *args, **kwargs: None)
     location = tmp_path / "secrets" / "token"
-    token = service.api_token(config(tmp_path, token_file=f"file://{location}"))
+    token = auth.api_token(config(tmp_path, token_file=f"file://{location}"))
     assert stat.S_IMODE(os.stat(location).st_mode) == 0o600 and location.read_text() == token
 
 
@@ -114,7 +114,7 @@ def test_a_token_file_another_replica_made_meanwhile_is_kept(tmp_path, monkeypat
     with open(os.path.join(cfg.state_dir, "api_token"), "w") as f:
         f.write(TOKEN)
     monkeypatch.setattr(storage, "exists", lambda location: False)
-    assert service.api_token(cfg) == TOKEN
+    assert auth.api_token(cfg) == TOKEN
     assert os.listdir(cfg.state_dir) == ["api_token"]
 
 
@@ -132,15 +132,15 @@ BAD_HEADERS = [
 @pytest.mark.parametrize("header, status", BAD_HEADERS)
 def test_check_bearer_refuses_a_missing_or_wrong_token(header, status):
     with pytest.raises(HTTPException) as error:
-        service.check_bearer(header, TOKEN)
+        auth.check_bearer(header, TOKEN)
     assert error.value.status_code == status
     if status == 401:
         assert error.value.headers == {"WWW-Authenticate": "Bearer"}
 
 
 def test_the_right_bearer_token_passes():
-    assert service.check_bearer(f"Bearer  {TOKEN} ", TOKEN) is None
-    assert service.check_bearer("Bearer jeton-été", "jeton-été") is None
+    assert auth.check_bearer(f"Bearer  {TOKEN} ", TOKEN) is None
+    assert auth.check_bearer("Bearer jeton-été", "jeton-été") is None
 
 
 # --- the node's private folder ---------------------------------------------------------------
@@ -208,7 +208,7 @@ def failing_read(**args):
 ])
 def test_a_failed_socket_read_logs_the_operation_and_a_pseudonym_never_the_id(caplog, line, monkeypatch):
     monkeypatch.setenv("PROFILEREC_LOG_KEY", "test-log-key")
-    with caplog.at_level(logging.INFO, logger="profilerec.read_channel"):
+    with caplog.at_level(logging.INFO, logger="profilerec.service.read_channel"):
         reply = json.loads(_answer(line, {"describe": failing_read}))
     assert "error" in reply
     assert "alice@example.com" not in caplog.text and "alice" not in caplog.text

@@ -7,15 +7,13 @@ import time
 import numpy as np
 import pytest
 import requests
-
-from profilerec.datasets import read_prepared
-from profilerec.profile import states_from_table
-from profilerec.schema import events_from_table
-from profilerec.shard import DEDUP_WINDOW, shard_of
-from profilerec.shard_actors import NAMESPACE, load_serving_recommender, shard_actor_name
-from profilerec.storage import read_table
-
 from conftest import serve_config
+from profilerec.data.datasets import read_prepared
+from profilerec.data.schema import events_from_table
+from profilerec.data.storage import read_table
+from profilerec.model.profile import states_from_table
+from profilerec.service.shard import DEDUP_WINDOW, shard_of
+from profilerec.service.shard_actors import NAMESPACE, load_serving_recommender, shard_actor_name
 
 TOKEN = "test-token-123"
 APP = "svc"
@@ -23,9 +21,8 @@ APP = "svc"
 
 @pytest.fixture(scope="module")
 def service(tiny_work, tmp_path_factory, serve_url):
+    from profilerec.service.api import build_app
     from ray import serve
-
-    from profilerec.service import build_app
 
     state = tmp_path_factory.mktemp("serve_state")
     (state / "token").write_text(TOKEN)
@@ -171,8 +168,8 @@ def test_an_id_with_a_slash_or_in_another_spelling_is_one_user_on_every_route(se
 
 
 def test_put_items_adds_them_to_every_shard_with_no_restart(service):
-    from profilerec.encoder import TextEncoder
-    from profilerec.schema import item_text
+    from profilerec.data.schema import item_text
+    from profilerec.model.encoder import TextEncoder
 
     url = service["url"]
     source = read_prepared(service["cfg"].prepared).items.slice(0, 1).to_pylist()[0]
@@ -199,8 +196,8 @@ def test_put_items_adds_them_to_every_shard_with_no_restart(service):
 
 
 def test_an_event_text_no_one_encoded_yet_moves_the_profile(service):
-    from profilerec.encoder import TextEncoder
-    from profilerec.profile import interest_vectors
+    from profilerec.model.encoder import TextEncoder
+    from profilerec.model.profile import interest_vectors
 
     text = "cordless drill with two lithium batteries and a hard case"
     r = post(service, [{"event_id": "tx-1", "user_id": "searcher", "type": "search", "text": text,

@@ -8,17 +8,20 @@ import time
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, given, settings
-
-from profilerec.profile import build_profile, states_from_table
-from profilerec.schema import Event
-from profilerec.errors import ShardRetired
-from profilerec.shard import ProfileShard, layout_root, repartition, shard_of
-from profilerec.shard_actors import NAMESPACE, load_serving_recommender, shard_actor_name, stop_application_actors
-from profilerec.store import ShardStore
-from profilerec.datasets import read_prepared
-
 from conftest import fill, serve_config
+from hypothesis import HealthCheck, given, settings
+from profilerec.data.datasets import read_prepared
+from profilerec.data.schema import Event
+from profilerec.errors import ShardRetired
+from profilerec.model.profile import build_profile, states_from_table
+from profilerec.service.shard import ProfileShard, layout_root, repartition, shard_of
+from profilerec.service.shard_actors import (
+    NAMESPACE,
+    load_serving_recommender,
+    shard_actor_name,
+    stop_application_actors,
+)
+from profilerec.service.shard_store import ShardStore
 
 TOKEN = "ops-token-456"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -27,9 +30,8 @@ PREFIX = "/ops"
 
 
 def deploy(cfg, **ingress_options):
+    from profilerec.service.api import build_app
     from ray import serve
-
-    from profilerec.service import build_app
 
     serve.run(build_app(cfg, **ingress_options), name=APP, route_prefix=PREFIX)
 
@@ -72,7 +74,7 @@ def live_states(ray, cfg):
 
 
 def as_rows(states):
-    from profilerec.profile import states_to_table
+    from profilerec.model.profile import states_to_table
 
     return states_to_table(states[u] for u in sorted(states)).to_pylist()
 
@@ -220,9 +222,8 @@ def test_the_documented_restore_stops_the_shard_actors_and_serves_the_copy(ops, 
 def test_a_full_disk_gets_503_naming_the_cause_reads_go_on_and_writes_resume(ops, ray_session, small_disk):
     import dataclasses
 
+    from profilerec.service.api import build_app
     from ray import serve
-
-    from profilerec.service import build_app
 
     cfg = dataclasses.replace(ops["cfg"], state_dir=str(small_disk / "state"))
     serve.run(build_app(cfg), name="disk", route_prefix="/disk")

@@ -5,17 +5,15 @@ import os
 
 import numpy as np
 import pytest
-
-from profilerec.index import ItemIndex
-from profilerec.priors import empty_priors
-from profilerec.profile import ProfileParams, states_to_table
-from profilerec.recommend import Recommender
-from profilerec.schema import Event
-from profilerec.errors import ShardRetired, StorageUnavailable
-from profilerec.shard import ProfileShard, layout_root, repartition, shard_of
-from profilerec.store import ShardStore
-
 from conftest import fill
+from profilerec.data.schema import Event
+from profilerec.errors import ShardRetired, StorageUnavailable
+from profilerec.model.index import ItemIndex
+from profilerec.model.priors import empty_priors
+from profilerec.model.profile import ProfileParams, states_to_table
+from profilerec.model.recommend import Recommender
+from profilerec.service.shard import ProfileShard, layout_root, repartition, shard_of
+from profilerec.service.shard_store import ShardStore
 
 
 def recommender():

@@ -9,11 +9,10 @@ import os
 
 import pyarrow.fs as pafs
 import pytest
-
 from conftest import free_port
-from profilerec import storage
-from profilerec.schema import Event
-from profilerec.store import ShardStore
+from profilerec.data import storage
+from profilerec.data.schema import Event
+from profilerec.service.shard_store import ShardStore
 
 BUCKET = "profilerec-store-test"
 
@@ -84,7 +83,7 @@ def test_a_torn_tail_is_cut_at_open_so_later_batches_survive(tmp_path, caplog):
     torn = b'{"event_id": "half'
     with open(path, "ab") as f:  # a crash mid-append: part of a record that was never acknowledged
         f.write(torn)
-    with caplog.at_level(logging.WARNING, logger="profilerec.store"):
+    with caplog.at_level(logging.WARNING, logger="profilerec.service.shard_store"):
         reopened = ShardStore(str(tmp_path), 0)
     assert open(path, "rb").read() == complete
     assert f"{len(torn)} bytes" in caplog.text
@@ -141,7 +140,7 @@ def test_a_write_that_fails_part_way_leaves_no_partial_record(tmp_path, monkeypa
         failing.append(HalfWriteThenFull(open(*args, **kwargs)))
         return failing[-1]
 
-    monkeypatch.setattr("profilerec.store.open", full_disk_open, raising=False)
+    monkeypatch.setattr("profilerec.service.shard_store.open", full_disk_open, raising=False)
     with pytest.raises(OSError) as refused_error:
         store.append(refused)
     monkeypatch.undo()

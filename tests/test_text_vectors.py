@@ -4,11 +4,10 @@ import os
 
 import numpy as np
 import pyarrow as pa
-
-from profilerec.embeddings import vectors_to_arrow
-from profilerec.encoder import text_hash
-from profilerec.storage import write_table
-from profilerec.text_vectors import load_text_vectors, text_vectors_from_table
+from profilerec.data.storage import write_table
+from profilerec.data.vectors import vectors_to_arrow
+from profilerec.model.encoder import text_hash
+from profilerec.model.text_vectors import load_text_vectors, text_vectors_from_table
 
 DIM = 8
 

@@ -4,15 +4,14 @@ import json
 
 import numpy as np
 import pytest
-
+from profilerec.batch.evaluate import run_evaluate
 from profilerec.config import EvaluateConfig, TrainConfig, from_dict
-from profilerec.datasets import read_prepared
+from profilerec.data.datasets import read_prepared
 from profilerec.errors import ConfigError
-from profilerec.evaluation import run_evaluate
-from profilerec.profile import ProfileState
-from profilerec.recommend import load_recommender
-from profilerec.replay import case_states, iter_cases, user_sequences
-from profilerec.scorer_training import run_train
+from profilerec.model.profile import ProfileState
+from profilerec.model.recommend import load_recommender
+from profilerec.model.replay import case_states, iter_cases, user_sequences
+from profilerec.training.scorer import run_train
 
 
 def _manifest(work):
@@ -62,10 +61,9 @@ def test_a_finished_run_resumes_from_its_checkpoint_without_training_again(tiny_
 
 
 def test_the_benchmark_command_writes_the_table_with_published_figures(tmp_path, ray_session):
-    from profilerec.benchmark import run_benchmark
-    from profilerec.config import BenchmarkConfig, PrepareConfig
-
     from conftest import write_tiny_amazon
+    from profilerec.cli.quality_benchmark import run_benchmark
+    from profilerec.config import BenchmarkConfig, PrepareConfig
 
     source = write_tiny_amazon(tmp_path / "amazon-industrial", n_users=12)
     cfg = BenchmarkConfig(work_dir=str(tmp_path / "bench"), prepare=PrepareConfig(input=str(source)),

@@ -1,5 +1,5 @@
 """`python -m profilerec <command> ...` is the `profilerec` command."""
 
-from profilerec.cli import main
+from profilerec.cli.main import main
 
 main()

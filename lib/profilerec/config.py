@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
 
 import yaml
-
 from profilerec.errors import ConfigError
 
 T = TypeVar("T")
@@ -127,7 +126,7 @@ class FinetuneConfig:
 
 @dataclass
 class ScorerConfig:
-    """Architecture of the profile scorer (model.py), saved with it. Each switch is one ablation."""
+    """Architecture of the profile scorer (model/scorer.py), saved with it. Each switch is one ablation."""
 
     id_embeddings: bool = False  # learned per-item vectors next to the text (overfit small logs)
     attention: bool = True  # attention over the recent window (position, time gap, event type)
@@ -173,7 +172,7 @@ class TrainConfig:
 
 @dataclass
 class BenchmarkConfig:
-    """jobs/benchmark.py: the ablation table from scratch (see benchmark.py): prepare, encode,
+    """jobs/benchmark.py: the ablation table from scratch (see cli/quality_benchmark.py): prepare, encode,
     train every variant with Ray Train, evaluate valid and test. Stages whose output already
     exists under `work_dir` are reused."""
 

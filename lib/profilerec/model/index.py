@@ -1,0 +1,129 @@
+"""The item index: item ids, their text embeddings and metadata, and top-K with exclusions.
+
+Scores for all items come from the scorer (an exact matmul: a few thousand to a few hundred
+thousand items fit easily); the index turns them into the K best allowed items. Items can be
+added or changed while serving (`upsert`), rows are never reordered, so a row number stays valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+from profilerec.errors import DataError
+
+
+@dataclass
+class ItemIndex:
+    """Items in row order: `vectors[i]` is the unit text embedding of `item_ids[i]`."""
+
+    item_ids: list[str]
+    vectors: np.ndarray
+    brands: list[Optional[str]] = field(default_factory=list)
+    categories: list[list[str]] = field(default_factory=list)
+    titles: list[Optional[str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.item_ids)
+        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        self.brands = list(self.brands) or [None] * n
+        self.categories = [list(c or []) for c in self.categories] or [[] for _ in range(n)]
+        self.titles = list(self.titles) or [None] * n
+        if not (len(self.vectors) == len(self.brands) == len(self.categories) == len(self.titles) == n):
+            raise ValueError("item index columns have different lengths")
+        self.rows = {item_id: i for i, item_id in enumerate(self.item_ids)}
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self.rows
+
+    @property
+    def dim(self) -> int:
+        """Length of the item vectors."""
+        return int(self.vectors.shape[1])
+
+    def row(self, item_id: str) -> int:
+        """Row of `item_id`, or -1 when the index does not have it."""
+        return self.rows.get(item_id, -1)
+
+    def vector(self, item_id: Optional[str]) -> Optional[np.ndarray]:
+        """The text embedding of `item_id`, or None for an unknown or missing item."""
+        row = self.rows.get(item_id, -1) if item_id is not None else -1
+        return self.vectors[row] if row >= 0 else None
+
+    def meta(self, item_id: str) -> Optional[dict[str, Any]]:
+        """Brand, categories and title of an item (for profile counters and explanations)."""
+        row = self.rows.get(item_id, -1)
+        if row < 0:
+            return None
+        return {"brand": self.brands[row], "categories": self.categories[row], "title": self.titles[row]}
+
+    def upsert(self, item_ids: Sequence[str], vectors: np.ndarray, brands: Sequence[Optional[str]],
+               categories: Sequence[Sequence[str]], titles: Sequence[Optional[str]]) -> list[int]:
+        """Add new items and replace changed ones in place; returns their rows."""
+        rows = []
+        new_vectors = []
+        for i, item_id in enumerate(item_ids):
+            row = self.rows.get(item_id)
+            if row is None:
+                row = len(self.item_ids)
+                self.rows[item_id] = row
+                self.item_ids.append(item_id)
+                self.brands.append(brands[i])
+                self.categories.append(list(categories[i] or []))
+                self.titles.append(titles[i])
+                new_vectors.append(vectors[i])
+            else:
+                self.vectors[row] = vectors[i]
+                self.brands[row] = brands[i]
+                self.categories[row] = list(categories[i] or [])
+                self.titles[row] = titles[i]
+            rows.append(row)
+        if new_vectors:
+            self.vectors = np.vstack([self.vectors, np.asarray(new_vectors, dtype=np.float32)])
+        return rows
+
+    def allowed(self, brand: Optional[str] = None, category: Optional[str] = None) -> Optional[np.ndarray]:
+        """Boolean mask of items matching the filters (case-insensitive), or None for no filter."""
+        if brand is None and category is None:
+            return None
+        mask = np.ones(len(self), dtype=bool)
+        if brand is not None:
+            wanted = brand.casefold()
+            mask &= np.array([(b or "").casefold() == wanted for b in self.brands], dtype=bool)
+        if category is not None:
+            wanted = category.casefold()
+            mask &= np.array([any(c.casefold() == wanted for c in cats) for cats in self.categories], dtype=bool)
+        return mask
+
+    def top_k(self, scores: np.ndarray, k: int, exclude_rows: Iterable[int] = (),
+              allowed: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and scores of the `k` best items, best first, skipping excluded and disallowed rows."""
+        scores = np.array(scores, dtype=np.float32, copy=True)
+        if allowed is not None:
+            scores[~allowed] = -np.inf
+        excluded = [r for r in exclude_rows if 0 <= r < len(scores)]
+        scores[excluded] = -np.inf
+        k = min(k, int(np.isfinite(scores).sum()))
+        if k <= 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.lexsort((top, -scores[top]))]  # best first; ties by row for a stable order
+        return top, scores[top]
+
+
+def index_from_tables(items: pa.Table, embeddings: pa.Table) -> ItemIndex:
+    """An index over every item of `items` that has a row in `embeddings` (item_id, vector)."""
+    vec_of = dict(zip(embeddings.column("item_id").to_pylist(), embeddings.column("vector").to_pylist()))
+    missing = [i for i in items.column("item_id").to_pylist() if i not in vec_of]
+    if missing:
+        raise DataError(
+            f"{len(missing)} items have no embedding (e.g. {missing[:3]}): run jobs/encode.py on these items"
+        )
+    cols = items.to_pydict()
+    vectors = np.asarray([vec_of[i] for i in cols["item_id"]], dtype=np.float32)
+    return ItemIndex(list(cols["item_id"]), vectors, cols["brand"], cols["categories"], cols["title"])

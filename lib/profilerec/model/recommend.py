@@ -1,0 +1,158 @@
+"""Scoring profiles against the item index: what evaluation measures and the service answers.
+
+A Recommender holds the item index, the event-text vectors, the profile parameters, the item
+priors (popularity, transitions) and, once trained, the ProfileScorer (scorer.py). It turns
+events into the vectors profile.py consumes (`vector_of`) and profile states into scores over
+every item (`scores`) and top-K lists (`recommend`). Without a scorer it ranks by the zero-shot
+profile (cosine of the interest vectors); a user with no event yet gets the popularity ranking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+from profilerec.data import storage
+from profilerec.data.schema import Event
+from profilerec.data.vectors import read_embeddings
+from profilerec.model.encoder import text_hash
+from profilerec.model.index import ItemIndex, index_from_tables
+from profilerec.model.priors import ItemPriors, empty_priors, grown_priors
+from profilerec.model.profile import ProfileParams, ProfileState, event_embedding, interest_vectors, zero_shot_query
+from profilerec.model.scorer import SCORER_META, ProfileScorer, load_scorer, scorer_batch, scorer_exists
+from profilerec.model.text_vectors import TextVectors, empty_text_vectors, load_text_vectors
+
+SCORER_DIR = "scorer"  # inside a model folder, next to a fine-tuned `encoder`
+
+
+@dataclass
+class Recommender:
+    """Everything needed to score profiles: index, text vectors, profile params, priors, scorer."""
+
+    index: ItemIndex
+    params: ProfileParams = field(default_factory=ProfileParams)
+    text_vectors: TextVectors = field(default_factory=empty_text_vectors)  # text_hash -> unit vector
+    priors: Optional[ItemPriors] = None  # popularity and transitions counted in the log
+    scorer: Optional[ProfileScorer] = None  # the trained scorer; None = zero-shot profile
+
+    def vector_of(self, event: Event) -> Optional[np.ndarray]:
+        """The embedding `event` adds to a profile (item and/or its own text), or None."""
+        item = self.index.vector(event.item_id)
+        text = None
+        if event.text:
+            text = self.text_vectors.get(text_hash(event.text))
+        return event_embedding(item, text, self.params)
+
+    def popularity_scores(self) -> np.ndarray:
+        """Cold-start scores: log of the item's count in the training log (0 for unseen items)."""
+        n = len(self.index)
+        pop = np.zeros(n, dtype=np.float32)
+        if self.priors is not None:
+            m = min(n, len(self.priors.popularity))
+            pop[:m] = np.log1p(self.priors.popularity[:m])
+        return pop
+
+    @property
+    def transition_span(self) -> int:
+        """How far apart two events may be to count as a transition in the priors it scores with."""
+        return self.scorer.params.transition_span if self.scorer is not None else 1
+
+    def set_priors(self, priors: ItemPriors) -> None:
+        """Score with these item statistics from now on (the scorer too)."""
+        self.priors = priors
+        if self.scorer is not None:
+            self.scorer.set_priors(priors)
+
+    def upsert_items(self, items: pa.Table, vectors: np.ndarray) -> None:
+        """Add new items (ITEMS_SCHEMA rows with their unit `vectors`) and replace changed ones;
+        they are scored from now on. New items have no popularity or transitions yet."""
+        cols = items.to_pydict()
+        self.index.upsert(cols["item_id"], vectors, cols["brand"], cols["categories"], cols["title"])
+        self.priors = grown_priors(self.priors or empty_priors(0), len(self.index))
+        if self.scorer is not None:
+            self.scorer.set_items(self.index.vectors, self.priors)
+
+    def scores(self, states: Sequence[ProfileState]) -> np.ndarray:
+        """[len(states), items] scores; higher is better. Cold users get popularity scores."""
+        out = np.empty((len(states), len(self.index)), dtype=np.float32)
+        cold = [i for i, s in enumerate(states) if not s.recent and s.long_sum is None]
+        warm = sorted(set(range(len(states))) - set(cold))
+        if warm and self.scorer is not None:
+            batch = scorer_batch([states[i] for i in warm], self.index.row, self.params, self.scorer.params,
+                                 self.index.dim)
+            out[warm] = self.scorer.predict(batch)
+        elif warm:
+            queries = [zero_shot_query(states[i], self.params) for i in warm]
+            zero = np.zeros(self.index.dim, dtype=np.float32)  # a profile of unknown items only
+            out[warm] = np.stack([zero if q is None else q for q in queries]).astype(np.float32) @ self.index.vectors.T
+        if cold:
+            out[cold] = self.popularity_scores()
+        return out
+
+    def recommend(self, state: ProfileState, k: int = 10, exclude_seen: bool = False,
+                  brand: Optional[str] = None, category: Optional[str] = None) -> list[dict[str, Any]]:
+        """The top-`k` items for one profile, best first, with scores."""
+        scores = self.scores([state])[0]
+        exclude = [self.index.row(ev.item_id) for ev in state.recent] if exclude_seen else []
+        rows, top = self.index.top_k(scores, k, exclude, self.index.allowed(brand, category))
+        return [{"item_id": self.index.item_ids[r], "score": float(s), "title": self.index.titles[r]}
+                for r, s in zip(rows, top)]
+
+
+    def explain(self, state: ProfileState, item_id: str) -> dict[str, Any]:
+        """Why `item_id` suits the profile: its similarity to the short- and long-term interests
+        and the recent item it is closest to."""
+        vector = self.index.vector(item_id)
+        if vector is None:
+            return {"reason": "unknown item"}
+        long, short = interest_vectors(state)
+        if long is None:
+            return {"reason": "popular with all users (no events of this user yet)"}
+        out: dict[str, Any] = {
+            "long_term_similarity": round(_cosine(long, vector), 3),
+            "short_term_similarity": round(_cosine(short, vector), 3) if short is not None else None,
+        }
+        recent = [(ev, self.index.vector(ev.item_id)) for ev in state.recent]
+        recent = [(ev, v) for ev, v in recent if v is not None]
+        if recent:
+            ev, v = max(recent, key=lambda pair: float(pair[1] @ vector))
+            out["closest_recent_item"] = {"item_id": ev.item_id, "title": (self.index.meta(ev.item_id) or {}).get("title"),
+                                          "similarity": round(float(v @ vector), 3)}
+        return out
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b) / denom if denom > 0 else 0.0
+
+
+def load_recommender(items: pa.Table, embeddings: str, params: Optional[ProfileParams] = None,
+                     priors: Optional[ItemPriors] = None, model: Optional[str] = None) -> Recommender:
+    """A Recommender over `items` with the item and text vectors of the embeddings folder, and the
+    scorer saved in the `model` folder when it has one."""
+
+    index = index_from_tables(items, read_embeddings(embeddings, "items"))
+    recommender = Recommender(index, params or ProfileParams(), load_text_vectors(storage.join(embeddings, "texts")),
+                              priors)
+    if scorer_exists(scorer_folder(model)):
+        recommender.scorer = load_scorer(scorer_folder(model), index.item_ids, index.vectors,
+                                         priors or empty_priors(len(index)))
+    return recommender
+
+
+def load_profile_params(model: Optional[str]) -> ProfileParams:
+    """The profile params saved with a trained model (its scorer, else its fine-tuned encoder),
+    or the defaults when there is none."""
+
+    for location in (storage.join(scorer_folder(model), SCORER_META), storage.join(model, "manifest.json")) if model else ():
+        if storage.exists(location):
+            return ProfileParams.from_dict(storage.read_json(location).get("profile", {}))
+    return ProfileParams()
+
+
+def scorer_folder(model: Optional[str]) -> Optional[str]:
+    """Where a model folder keeps its scorer."""
+
+    return storage.join(model, SCORER_DIR) if model else None

@@ -1,0 +1,397 @@
+"""The trainable parts and their losses.
+
+ProfileScorer turns a profile (profile.py's state: the recent window and the long/short interest
+vectors) into a score for every item. It adds, as logits on one scale:
+
+- content: the similarity of a user vector to each item's vector. Items are their frozen text
+  embedding through a learned projection, plus an ID embedding (zero at first, so items with
+  no history stay pure text); the user vector is attention over the recent window (position,
+  time gap and event type as features, queried by the newest event) mixed with the newest
+  item and the long- and short-term interest vectors;
+- repeat: a learned bonus for an item already in the window, by its position;
+- transitions: item-to-item counts learned from the log (what users touched next after each
+  window item), by position, as log-counts and as conditional frequencies;
+- popularity: the log-count of each item.
+
+Every part is O(window) per user plus one matmul over the items. The module trains with torch
+(gradients, GPU); `ProfileScorer.predict` runs the same math in numpy on the frozen weights
+(`FrozenScorer`) for evaluation and serving, where a request scores one user and torch's
+per-operation overhead was most of its cost (`tests/test_model.py` holds both to the same
+scores). Encoder fine-tuning keeps its contrastive loss below.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from profilerec.config import ScorerConfig, from_dict, to_dict
+from profilerec.data import storage
+from profilerec.model.priors import ItemPriors
+from profilerec.model.profile import ProfileParams, ProfileState, interest_vectors, window_features
+from torch import nn
+
+# features the attention reads per window slot besides the item vector: time gap, event weight
+SLOT_FEATURES = 2
+
+
+@dataclass
+class ScorerBatch:
+    """The model inputs for a batch of profiles (tensors, see `scorer_batch`)."""
+
+    items: torch.Tensor  # [B, W] item rows, -1 = empty slot (right-aligned, newest last)
+    types: torch.Tensor  # [B, W]
+    weights: torch.Tensor  # [B, W]
+    gaps: torch.Tensor  # [B, W]
+    positions: torch.Tensor  # [B, W] 0 = newest
+    mask: torch.Tensor  # [B, W] bool
+    long: torch.Tensor  # [B, D] (zeros for an empty profile)
+    short: torch.Tensor  # [B, D]
+
+    def to(self, device: Any) -> "ScorerBatch":
+        """The same batch on `device`."""
+        return ScorerBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+def scorer_batch(states: Sequence[ProfileState], row_of, params: ProfileParams, scorer_params: ScorerConfig,
+                 dim: int) -> ScorerBatch:
+    """Turn profile states into model inputs (the one conversion training and serving share)."""
+    type_ids = {t: i + 1 for i, t in enumerate(scorer_params.types)}  # 0 = other
+    win = window_features(states, row_of, params, type_ids)
+    long = np.zeros((len(states), dim), dtype=np.float32)
+    short = np.zeros((len(states), dim), dtype=np.float32)
+    for b, state in enumerate(states):
+        lv, sv = interest_vectors(state)
+        if lv is not None:
+            long[b] = lv
+            short[b] = sv if sv is not None else lv
+    return ScorerBatch(
+        items=torch.from_numpy(win["items"]), types=torch.from_numpy(win["types"]),
+        weights=torch.from_numpy(win["weights"]), gaps=torch.from_numpy(win["gaps"]),
+        positions=torch.from_numpy(win["positions"]), mask=torch.from_numpy(win["mask"]),
+        long=torch.from_numpy(long), short=torch.from_numpy(short),
+    )
+
+
+class ProfileScorer(nn.Module):
+    """Scores every item for a batch of profiles; see the module docstring for the parts."""
+
+    def __init__(self, item_vectors: np.ndarray, priors: ItemPriors, window: int,
+                 params: Optional[ScorerConfig] = None):
+        super().__init__()
+        n, dim = item_vectors.shape
+        params = params or ScorerConfig()
+        self.params = params
+        self.window = window
+        self.trained_on: list[str] = []  # splits whose targets it learned from (set when loaded)
+        self._frozen: Optional[FrozenScorer] = None  # predict()'s weights, made on first use
+        # item vectors and priors come from the index and the log at load time, not from the weights
+        self.register_buffer("item_vectors", torch.as_tensor(item_vectors, dtype=torch.float32), persistent=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        nn.init.eye_(self.proj.weight)
+        self.item_ids = nn.Embedding(n, dim) if params.id_embeddings else None
+        if self.item_ids is not None:
+            nn.init.zeros_(self.item_ids.weight)
+        self.pos_emb = nn.Embedding(window, dim)
+        self.type_emb = nn.Embedding(len(params.types) + 1, dim)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        nn.init.normal_(self.type_emb.weight, std=0.02)
+        self.slot_features = nn.Linear(SLOT_FEATURES, dim)
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(params.dropout)
+        # user vector = mix of [newest item, attention, short-term, long-term]
+        self.mix = nn.Parameter(torch.tensor([1.0, 0.5, 0.5, 0.25]))
+        self.scale = nn.Parameter(torch.tensor(math.log(20.0)))  # logit scale of the cosine, learned
+        self.repeat = nn.Parameter(torch.zeros(window))
+        self.trans = nn.Parameter(torch.zeros(window, 2))
+        self.pop = nn.Parameter(torch.zeros(1))
+        self.set_priors(priors)
+
+    def set_priors(self, priors: ItemPriors) -> None:
+        """Use these item statistics (a grown log, a new catalog) without retraining the rest."""
+        rows = np.repeat(np.arange(priors.num_items), np.diff(priors.indptr))
+        totals = np.zeros(priors.num_items, dtype=np.float32)
+        np.add.at(totals, rows, priors.counts)
+        buffers = {"t_indptr": torch.as_tensor(priors.indptr, dtype=torch.int64),
+                   "t_indices": torch.as_tensor(priors.indices, dtype=torch.int64),
+                   "t_counts": torch.as_tensor(priors.counts, dtype=torch.float32),
+                   "t_totals": torch.as_tensor(totals[rows], dtype=torch.float32),
+                   "popularity": torch.as_tensor(priors.popularity, dtype=torch.float32)}
+        self.span = priors.span
+        for name, value in buffers.items():
+            self.register_buffer(name, value.to(self.item_vectors.device), persistent=False)
+        self._frozen = None
+
+    def set_items(self, item_vectors: np.ndarray, priors: ItemPriors) -> None:
+        """Score over a grown or changed catalog (rows never move; new rows are new items, which
+        have no ID embedding and are scored by their text alone)."""
+        vectors = torch.as_tensor(item_vectors, dtype=torch.float32).to(self.item_vectors.device)
+        if self.item_ids is not None and len(vectors) > self.item_ids.num_embeddings:
+            grown = nn.Embedding(len(vectors), self.item_ids.embedding_dim).to(vectors.device)
+            nn.init.zeros_(grown.weight)
+            with torch.no_grad():
+                grown.weight[: self.item_ids.num_embeddings] = self.item_ids.weight
+            self.item_ids = grown
+        self.register_buffer("item_vectors", vectors, persistent=False)
+        self.set_priors(priors)
+
+    def item_matrix(self) -> torch.Tensor:
+        """[items, D] unit vectors the user vector is compared with."""
+        reps = self.proj(self.item_vectors)
+        if self.item_ids is not None:
+            reps = reps + self.item_ids.weight
+        return F.normalize(reps, dim=-1)
+
+    def train(self, mode: bool = True) -> "ProfileScorer":
+        self._frozen = None  # the weights are about to change (or just did)
+        return super().train(mode)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self._frozen = None
+        return super().load_state_dict(*args, **kwargs)
+
+    def predict(self, batch: ScorerBatch) -> np.ndarray:
+        """[B, items] scores of `forward` in eval mode, computed in numpy from the frozen weights
+        (made on the first call after loading, training or a catalog change)."""
+        if self._frozen is None:
+            self._frozen = frozen_scorer(self)
+        return frozen_scores(self._frozen, batch)
+
+    def user_vectors(self, batch: ScorerBatch, items: torch.Tensor) -> torch.Tensor:
+        """[B, D] unit user vectors from the window and the interest vectors."""
+        p = self.params
+        rows = batch.items.clamp(min=0)
+        # a disliked item (negative weight: a low rating) counts against its direction
+        slots = items[rows] * (torch.sign(batch.weights) * batch.mask)[..., None]  # [B, W, D]
+        newest = slots[:, -1]
+        parts = [newest]
+        if p.attention:
+            slot_inputs = self.drop(slots + self.pos_emb(batch.positions) + self.type_emb(batch.types)
+                                    + self.slot_features(torch.stack([batch.gaps, batch.weights], -1)))
+            query = self.query(newest)
+            # key(x)·q = x·(W_k^T q) + b_k·q: one [D, D] product per user instead of one per window slot
+            logits = ((slot_inputs * (query @ self.key.weight)[:, None, :]).sum(-1)
+                      + (query @ self.key.bias)[:, None]) / math.sqrt(slot_inputs.shape[-1])
+            logits = logits.masked_fill(~batch.mask, -1e9)
+            attn = torch.softmax(logits, dim=-1) * batch.mask
+            parts.append((attn[..., None] * slots).sum(1))
+        else:
+            parts.append(torch.zeros_like(newest))
+        if p.interests:
+            parts += F.normalize(self.proj(torch.stack([batch.short, batch.long])), dim=-1).unbind()
+        else:
+            parts += [torch.zeros_like(newest), torch.zeros_like(newest)]
+        user = sum(w * v for w, v in zip(self.mix, parts))
+        return F.normalize(self.drop(user), dim=-1)
+
+    def forward(self, batch: ScorerBatch, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, items] logits. In training, pass the `targets` whose own events are counted in the
+        priors: their counts are taken out again (leave-one-out), or the model would learn to
+        trust priors that already contain the answer."""
+        items = self.item_matrix()
+        logits = self.scale.exp() * self.user_vectors(batch, items) @ items.T
+        if self.params.popularity:
+            pop = self.popularity[None, :].expand(len(logits), -1)
+            if targets is not None:
+                pop = pop.index_put((torch.arange(len(targets), device=pop.device), targets),
+                                    torch.full_like(targets, -1.0, dtype=pop.dtype), accumulate=True)
+            logits = logits + self.pop * torch.log1p(pop.clamp(min=0))
+        b_idx, p_idx = torch.nonzero(batch.mask, as_tuple=True)
+        rows = batch.items[b_idx, p_idx]
+        pos = batch.positions[b_idx, p_idx]
+        if self.params.repeat:
+            logits = logits.index_put((b_idx, rows), self.repeat[pos], accumulate=True)
+        if self.params.transitions and len(rows):
+            logits = self._add_transitions(logits, b_idx, rows, pos, targets)
+        return logits
+
+    def _add_transitions(self, logits, b_idx, rows, pos, targets):
+        # gather the CSR rows of the window items without densifying the item-item matrix
+        starts, ends = self.t_indptr[rows], self.t_indptr[rows + 1]
+        lengths = ends - starts
+        total = int(lengths.sum())
+        if total == 0:
+            return logits
+        slot = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), lengths)
+        offset = torch.arange(total, device=rows.device) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        nz = starts[slot] + offset
+        counts, totals = self.t_counts[nz], self.t_totals[nz]
+        if targets is not None:
+            # item_priors counts a pair at distance d as 1/d; the newest window item is at distance 1
+            distance = (pos[slot] + 1).float()
+            own = ((self.t_indices[nz] == targets[b_idx[slot]]) & (distance <= self.span)).float() / distance
+            counts, totals = (counts - own).clamp(min=0), (totals - own).clamp(min=0)
+        feats = torch.stack([torch.log1p(counts), counts / totals.clamp(min=1.0)], dim=-1)
+        values = (feats * self.trans[pos[slot]]).sum(-1)
+        return logits.index_put((b_idx[slot], self.t_indices[nz]), values, accumulate=True)
+
+
+@dataclass(frozen=True)
+class FrozenScorer:
+    """A ProfileScorer's weights as numpy arrays, folded for inference (see `frozen_scores`).
+
+    Made once per loaded scorer: one-user scoring is a few dozen small operations, and each
+    torch operation costs microseconds of dispatch that numpy does not. The shard's CPU per
+    recommendation fell by about a third with it (`bench/serve_bench.py` prints it by process).
+    """
+
+    params: ScorerConfig
+    items: np.ndarray  # [N, D] unit item vectors: projected text plus ID embedding
+    items_t: np.ndarray  # [D, N] contiguous: the one-user product over all items runs ~2x faster
+    popularity: np.ndarray  # [N] the popularity logit, a constant while the priors do not change
+    query_key: np.ndarray  # [D, D] W_q^T W_k: the newest item straight to the key-side query
+    query_key_bias: np.ndarray  # [D] b_q W_k
+    query_bias: np.ndarray  # [D] W_q^T b_k: the newest item's term of the key bias
+    query_bias_const: float  # b_q . b_k
+    proj_t: np.ndarray  # [D, D]
+    pos_emb: np.ndarray  # [W, D]
+    type_emb: np.ndarray  # [types + 1, D]
+    slot_weight_t: np.ndarray  # [SLOT_FEATURES, D]
+    slot_bias: np.ndarray  # [D]
+    mix: np.ndarray  # [4]
+    scale: float  # exp of the learned log-scale
+    repeat: np.ndarray  # [W]
+    trans: np.ndarray  # [W, 2]
+    t_indptr: np.ndarray  # CSR of the transitions, as in ItemPriors
+    t_indices: np.ndarray
+    t_features: np.ndarray  # [nnz, 2] log1p(count) and count / max(total, 1): the transition features
+
+
+def frozen_scorer(model: ProfileScorer) -> FrozenScorer:
+    """The eval-mode weights of `model`, on the CPU, folded as FrozenScorer describes."""
+    with torch.no_grad():
+        def arr(t: torch.Tensor) -> np.ndarray:
+            t = t.detach().cpu()
+            return np.ascontiguousarray((t.float() if t.is_floating_point() else t).numpy())
+
+        items = arr(model.item_matrix())
+        w_q, b_q, w_k, b_k = (arr(t).astype(np.float64) for t in (model.query.weight, model.query.bias,
+                                                                     model.key.weight, model.key.bias))
+        counts, totals = arr(model.t_counts), arr(model.t_totals)
+        popularity = np.zeros(len(items), dtype=np.float32)
+        if model.params.popularity:
+            popularity = arr(model.pop * torch.log1p(model.popularity.clamp(min=0)))
+        return FrozenScorer(
+            params=model.params, items=items, items_t=np.ascontiguousarray(items.T), popularity=popularity,
+            query_key=(w_q.T @ w_k).astype(np.float32), query_key_bias=(b_q @ w_k).astype(np.float32),
+            query_bias=(w_q.T @ b_k).astype(np.float32), query_bias_const=float(b_q @ b_k),
+            proj_t=np.ascontiguousarray(arr(model.proj.weight).T), pos_emb=arr(model.pos_emb.weight),
+            type_emb=arr(model.type_emb.weight), slot_weight_t=np.ascontiguousarray(arr(model.slot_features.weight).T),
+            slot_bias=arr(model.slot_features.bias), mix=arr(model.mix), scale=float(model.scale.exp()),
+            repeat=arr(model.repeat), trans=arr(model.trans), t_indptr=arr(model.t_indptr),
+            t_indices=arr(model.t_indices),
+            t_features=np.stack([np.log1p(counts), counts / np.maximum(totals, 1.0)], axis=-1).astype(np.float32),
+        )
+
+
+def frozen_scores(f: FrozenScorer, batch: ScorerBatch) -> np.ndarray:
+    """[B, items] scores: ProfileScorer.forward in eval mode without targets, step for step."""
+    p = f.params
+    win = {field.name: getattr(batch, field.name).cpu().numpy() for field in fields(batch)}
+    mask = win["mask"]
+    slots = f.items[np.maximum(win["items"], 0)] * (np.sign(win["weights"]) * mask)[..., None]  # [B, W, D]
+    newest = slots[:, -1]
+    parts = [newest]
+    if p.attention:
+        slot_inputs = (slots + f.pos_emb[win["positions"]] + f.type_emb[win["types"]]
+                       + np.stack([win["gaps"], win["weights"]], -1) @ f.slot_weight_t + f.slot_bias)
+        key_query = newest @ f.query_key + f.query_key_bias
+        logits = ((slot_inputs @ key_query[..., None])[..., 0] + (newest @ f.query_bias + f.query_bias_const)[:, None]
+                  ) / math.sqrt(slot_inputs.shape[-1])
+        logits = np.where(mask, logits, np.float32(-1e9))
+        attn = np.exp(logits - logits.max(-1, keepdims=True))
+        attn = attn / attn.sum(-1, keepdims=True) * mask
+        parts.append((attn[:, None, :] @ slots)[:, 0])
+    else:
+        parts.append(np.zeros_like(newest))
+    if p.interests:
+        parts += list(_unit(np.stack([win["short"], win["long"]]) @ f.proj_t))
+    else:
+        parts += [np.zeros_like(newest), np.zeros_like(newest)]
+    user = _unit(sum(w * v for w, v in zip(f.mix, parts)))
+    scores = f.scale * (user @ f.items_t) + f.popularity
+    b_idx, p_idx = np.nonzero(mask)
+    rows, pos = win["items"][b_idx, p_idx], win["positions"][b_idx, p_idx]
+    if p.repeat:
+        np.add.at(scores, (b_idx, rows), f.repeat[pos])
+    if p.transitions and len(rows):
+        starts = f.t_indptr[rows]
+        lengths = f.t_indptr[rows + 1] - starts
+        if lengths.sum():
+            slot = np.repeat(np.arange(len(rows)), lengths)
+            nz = starts[slot] + np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            values = (f.t_features[nz] * f.trans[pos[slot]]).sum(-1)
+            np.add.at(scores, (b_idx[slot], f.t_indices[nz]), values)
+    return scores.astype(np.float32, copy=False)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """x / max(|x|, 1e-12) along the last axis, as F.normalize."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def full_softmax_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the target against every item (the ranking task itself)."""
+    return F.cross_entropy(logits, targets)
+
+
+def contrastive_loss(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """Cross-entropy of each query against all `keys`, the right one being `keys[positives[i]]`.
+
+    Keys are the distinct items of the batch, so an item that is the target of several cases is
+    never a negative for any of them.
+    """
+    logits = queries @ keys.T / temperature
+    return F.cross_entropy(logits, positives)
+
+
+SCORER_WEIGHTS = "scorer.pt"
+SCORER_META = "scorer.json"
+
+
+def save_scorer(model: ProfileScorer, folder: str, item_ids: Sequence[str], profile: ProfileParams,
+                trained_on: Sequence[str]) -> None:
+    """Write the scorer's weights and what is needed to rebuild it (params, item id per row, and
+    the splits whose targets it learned from, which it must not be evaluated on)."""
+
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    storage.write_bytes(buf.getvalue(), storage.join(folder, SCORER_WEIGHTS))
+    storage.write_json({"scorer": to_dict(model.params), "profile": profile.to_dict(), "window": model.window,
+                        "trained_on": list(trained_on), "item_ids": list(item_ids)}, storage.join(folder, SCORER_META))
+
+
+def scorer_exists(folder: Optional[str]) -> bool:
+    """Whether `folder` holds a saved scorer."""
+
+    return bool(folder) and storage.exists(storage.join(folder, SCORER_META))
+
+
+def load_scorer(folder: str, item_ids: Sequence[str], item_vectors: np.ndarray, priors: ItemPriors) -> ProfileScorer:
+    """A saved scorer over the given items: ID embeddings follow their item ids, items it was not
+    trained with get none (they are scored by their text alone)."""
+
+
+    meta = storage.read_json(storage.join(folder, SCORER_META))
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(folder, SCORER_WEIGHTS))), map_location="cpu")
+    model = ProfileScorer(item_vectors, priors, meta["window"], from_dict(ScorerConfig, meta["scorer"]))
+    if "item_ids.weight" in state:
+        trained = state["item_ids.weight"]
+        rows = {item_id: i for i, item_id in enumerate(meta["item_ids"])}
+        weight = torch.zeros(len(item_ids), trained.shape[1])
+        for i, item_id in enumerate(item_ids):
+            if item_id in rows:
+                weight[i] = trained[rows[item_id]]
+        state["item_ids.weight"] = weight
+    model.load_state_dict(state)
+    model.trained_on = list(meta.get("trained_on", []))
+    model.eval()
+    return model

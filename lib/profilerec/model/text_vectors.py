@@ -1,0 +1,130 @@
+"""Event-text vectors by text hash, held at a few bytes per text in each process that uses them.
+
+Event texts (search queries, review texts) grow without bound: the encode job may leave millions
+of vectors, 1.5 KB each, and every profile shard needs all of them, because any user may send any
+text. As a dict of arrays each shard held about 4 KB per text (bench/text_memory.py). Here the
+vectors of an embeddings folder are copied once per node into a local `.f32` file (hashes beside
+it in a `.npy`) and memory-mapped read-only: the pages live in the page cache, shared by every
+shard on the node and dropped under memory pressure, and a process keeps only the sorted 12-byte
+hashes and their row numbers (20 bytes per text). Texts learned while serving are few and stay in
+a dict on top.
+
+The local copy is named after the embeddings folder's files (paths, sizes, modification times), so
+a re-run of the encode job gets a new copy; copies are written under a temporary name and renamed,
+so shards starting together never read a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Iterable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+from profilerec.data import storage
+from profilerec.data.vectors import vectors_from_arrow
+
+KEY_BYTES = 12  # text_hash is a blake2b-96 hex digest
+SCAN_ROWS = 65_536
+
+
+class TextVectors:
+    """Unit vectors of event texts by `text_hash` (read-only file rows plus learned ones)."""
+
+    def __init__(self, keys: np.ndarray, vectors: np.ndarray):
+        """`keys`: [n] S12 raw hashes, the hash of row i of `vectors` ([n, D], usually a memory map)."""
+        raw = np.frombuffer(keys.tobytes(), dtype=np.uint8).reshape(len(keys), KEY_BYTES)
+        high = raw[:, :8].copy().view(">u8").ravel().astype(np.uint64)
+        low = raw[:, 8:].copy().view(">u4").ravel().astype(np.uint32)
+        # sorted by (high, low) for a binary search on one uint64 array: a few microseconds a lookup
+        self._rows = np.lexsort((low, high))
+        self._high, self._low = high[self._rows], low[self._rows]
+        self._vectors = np.asarray(vectors)  # a plain view: a row of a np.memmap costs microseconds to slice
+        self._learned: dict[str, np.ndarray] = {}
+
+    def get(self, text_hash: str) -> Optional[np.ndarray]:
+        """The vector of the text with this hash, or None when it was never encoded."""
+        learned = self._learned.get(text_hash)
+        if learned is not None:
+            return learned
+        high, low = int(text_hash[:16], 16), int(text_hash[16:], 16)  # the big-endian halves of the digest
+        at = int(self._high.searchsorted(np.uint64(high)))
+        while at < len(self._high) and int(self._high[at]) == high:
+            if int(self._low[at]) == low:
+                return self._vectors[self._rows[at]]
+            at += 1
+        return None
+
+    def __contains__(self, text_hash: str) -> bool:
+        return self.get(text_hash) is not None
+
+    def __len__(self) -> int:
+        return len(self._high) + len(self._learned)
+
+    def update(self, pairs: Iterable[tuple[str, np.ndarray]]) -> None:
+        """Add texts learned while serving (hash, vector); a known hash keeps its vector."""
+        for text_hash, vector in pairs:
+            if text_hash not in self:
+                self._learned[text_hash] = np.asarray(vector, dtype=np.float32)
+
+
+def _raw_keys(hashes: Iterable[str]) -> np.ndarray:
+    return np.array([bytes.fromhex(h) for h in hashes], dtype=f"S{KEY_BYTES}")
+
+
+def empty_text_vectors() -> TextVectors:
+    """A store with no texts (learned ones may be added)."""
+    return TextVectors(_raw_keys([]), np.zeros((0, 0), np.float32))
+
+
+def text_vectors_from_table(table: pa.Table) -> TextVectors:
+    """A store over an in-memory (text_hash, vector) table (tests, small folders)."""
+
+    return TextVectors(_raw_keys(table.column("text_hash").to_pylist()), vectors_from_arrow(table.column("vector")))
+
+
+def load_text_vectors(location: str, cache_dir: Optional[str] = None) -> TextVectors:
+    """The texts of the embeddings table folder at `location` ((text_hash, vector) Parquet, local
+    or remote), memory-mapped from this node's copy in `cache_dir` (default: a private folder of
+    the temp dir), made on first use."""
+    if not storage.exists(location):
+        return empty_text_vectors()
+    cache_dir = cache_dir or storage.node_private_dir()
+    os.makedirs(cache_dir, exist_ok=True)
+    base = os.path.join(cache_dir, f"texts-{_fingerprint(location)}")
+    if not os.path.exists(base + ".vectors.f32"):
+        _copy_to_node(location, base)
+    keys = np.load(base + ".keys.npy")
+    size = os.path.getsize(base + ".vectors.f32")
+    if not len(keys) or not size:
+        return empty_text_vectors()
+    vectors = np.memmap(base + ".vectors.f32", dtype=np.float32, mode="r", shape=(len(keys), size // 4 // len(keys)))
+    return TextVectors(keys, vectors)
+
+
+def _fingerprint(location: str) -> str:
+    """A name for the folder's current contents: its files' paths, sizes and modification times."""
+    fs, path = storage.resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    digest = hashlib.blake2b(location.encode("utf-8"), digest_size=12)
+    for info in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        digest.update(f"|{info.path}|{info.size}|{info.mtime_ns}".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _copy_to_node(location: str, base: str) -> None:
+    """Stream the folder's rows into `base`.keys.npy (hashes) and `base`.vectors.f32 (float32
+    rows in the same order), one chunk at a time."""
+
+    partial = f"{base}.{os.getpid()}.partial"
+    keys = []
+    with open(partial + ".vectors.f32", "wb") as out:
+        for table in storage.iter_tables(location, SCAN_ROWS, columns=["text_hash", "vector"]):
+            keys.append(_raw_keys(table.column("text_hash").to_pylist()))
+            out.write(vectors_from_arrow(table.column("vector")).tobytes())
+    np.save(partial + ".keys.npy", np.concatenate(keys) if keys else _raw_keys([]))
+    # keys first: a reader looks for the vectors file, so it must be the last to appear
+    os.replace(partial + ".keys.npy", base + ".keys.npy")
+    os.replace(partial + ".vectors.f32", base + ".vectors.f32")

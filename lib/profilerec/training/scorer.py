@@ -1,0 +1,272 @@
+"""Fitting the ProfileScorer: cases to tensors, one epoch of training, validation metrics, and
+the Ray Train job around them (`jobs/train.py`).
+
+The fitting functions have no Ray in them: the Ray Train worker loop calls them, and so can a
+notebook. The user side of every case is the profile profile.py builds from the case's
+history, the same state the service holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from profilerec.config import ScorerConfig, TrainConfig, from_dict, to_dict
+from profilerec.data import storage
+from profilerec.data.datasets import read_prepared
+from profilerec.errors import DataError
+from profilerec.model.priors import ItemPriors, item_priors
+from profilerec.model.profile import ProfileParams
+from profilerec.model.ranking import ranking_metrics, target_ranks
+from profilerec.model.recommend import SCORER_DIR, Recommender, load_recommender
+from profilerec.model.replay import (
+    Case,
+    case_states,
+    hidden_event_ids,
+    iter_cases,
+    later_splits,
+    target_rows,
+    user_sequences,
+)
+from profilerec.model.scorer import ProfileScorer, ScorerBatch, full_softmax_loss, save_scorer, scorer_batch
+from profilerec.training.harness import TRAIN_STATE, fit_on_ray_train, read_metrics, worker_threads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaseTensors:
+    """Model inputs and target rows for a list of cases."""
+
+    batch: ScorerBatch
+    targets: torch.Tensor  # [cases] item rows
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def take(self, rows: torch.Tensor) -> tuple[ScorerBatch, torch.Tensor]:
+        """The sub-batch of the given case positions."""
+        return ScorerBatch(**{k: v[rows] for k, v in self.batch.__dict__.items()}), self.targets[rows]
+
+
+def case_tensors(recommender: Recommender, cases: Sequence[Case], scorer_params: ScorerConfig) -> CaseTensors:
+    """Profiles of `cases` (replayed with profile.py) as model inputs; cases whose target or
+    history is unknown to the index are dropped (they cannot be learned from)."""
+    targets = target_rows(cases, recommender.index.row)
+    keep = [i for i, c in enumerate(cases) if targets[i] >= 0 and c.history]
+    cases = [cases[i] for i in keep]
+    states = case_states(cases, recommender.vector_of, recommender.params, recommender.index.meta)
+    batch = scorer_batch(states, recommender.index.row, recommender.params, scorer_params, recommender.index.dim)
+    return CaseTensors(batch, torch.as_tensor(targets[keep], dtype=torch.int64))
+
+
+def train_epoch(model: ProfileScorer, optimizer: torch.optim.Optimizer, data: CaseTensors, batch_size: int,
+                generator: torch.Generator, scheduler=None, device: Any = "cpu") -> float:
+    """One pass over `data` in a random order; returns the mean loss."""
+    model.train()
+    order = torch.randperm(len(data), generator=generator)
+    losses = []
+    for start in range(0, len(order), batch_size):
+        batch, targets = data.take(order[start : start + batch_size])
+        targets = targets.to(device)
+        loss = full_softmax_loss(model(batch.to(device), targets), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(float(loss.detach()))
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+@torch.no_grad()
+def model_ranks(model: ProfileScorer, data: CaseTensors, batch_size: int = 512, device: Any = "cpu") -> np.ndarray:
+    """0-based rank of each case's target under `model` (full ranking)."""
+    model.eval()
+    ranks = []
+    for start in range(0, len(data), batch_size):
+        batch, targets = data.take(torch.arange(start, min(start + batch_size, len(data))))
+        scores = model(batch.to(device)).float().cpu().numpy()
+        ranks.append(target_ranks(scores, targets.numpy()))
+    return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+
+
+def model_metrics(model: ProfileScorer, data: CaseTensors, ks: Sequence[int] = (3, 5, 10),
+                  dropped: int = 0, num_items: Optional[int] = None, device: Any = "cpu") -> dict[str, float]:
+    """Ranking metrics of `model` on `data`; `dropped` cases (unknown target) count as misses."""
+    ranks = model_ranks(model, data, device=device)
+    if dropped:
+        ranks = np.concatenate([ranks, np.full(dropped, num_items or 10**9)])
+    return ranking_metrics(ranks, ks)
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Train: the worker loop and the driver
+
+
+@dataclass
+class TrainingSetup:
+    """What a worker needs: the recommender over the embeddings, the log and the cases by split."""
+
+    recommender: Recommender
+    sequences: dict
+    data: Any
+
+    def cases(self, splits: Sequence[str]) -> list[Case]:
+        """The cases of `splits`, with histories as the protocol gives them."""
+        return list(iter_cases(self.sequences, self.data.cases, splits, self.data.max_history))
+
+    def priors(self, hidden_from_split: Optional[str], span: int) -> ItemPriors:
+        """Item priors of the log without the targets of `hidden_from_split` and later splits."""
+        hidden = hidden_event_ids(self.data.cases, hidden_from_split) if hidden_from_split else set()
+        return item_priors(self.sequences, self.recommender.index, hidden, span)
+
+
+def training_setup(cfg: TrainConfig) -> TrainingSetup:
+    """Read the prepared log and the embeddings the scorer is trained over."""
+
+    data = read_prepared(cfg.input)
+    recommender = load_recommender(data.items, cfg.embeddings, ProfileParams())
+    return TrainingSetup(recommender, user_sequences(data.events), data)
+
+
+def phases(cfg: TrainConfig) -> list[tuple[str, list[str], Optional[str]]]:
+    """(name, training splits, split whose targets and later ones the priors hide) per phase."""
+    select = ("select", list(cfg.train_splits), cfg.eval_split)
+    if not cfg.refit:
+        return [select]
+    following = later_splits(cfg.eval_split)[1:]
+    return [select, ("refit", list(cfg.train_splits) + [cfg.eval_split], following[0] if following else None)]
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker function: select the epochs on validation, optionally refit, checkpoint
+    every epoch; the last checkpoint holds the final scorer."""
+
+    cfg = from_dict(TrainConfig, config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    worker_threads(cfg.threads_per_worker)
+    device = ray.train.torch.get_device()
+    setup = training_setup(cfg)
+    index = setup.recommender.index
+    eval_cases = setup.cases([cfg.eval_split])
+    if not eval_cases:
+        raise DataError(f"no {cfg.eval_split} cases in {cfg.input}: nothing to choose the epochs on")
+    eval_data = case_tensors(setup.recommender, eval_cases, cfg.scorer)
+
+    progress = {"phase": 0, "epoch": 0, "best": -1.0, "best_epoch": 0, "stale": 0, "history": [],
+                "best_state": None, "model": None, "optimizer": None}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            progress = torch.load(os.path.join(folder, TRAIN_STATE), weights_only=False)
+        log.info("resuming from the checkpoint after phase %d epoch %d", progress["phase"], progress["epoch"])
+
+    for number, (phase, splits, hidden_from) in enumerate(phases(cfg)):
+        if number < progress["phase"]:
+            continue
+        priors = setup.priors(hidden_from, cfg.scorer.transition_span)
+        train_data = case_tensors(setup.recommender, setup.cases(splits), cfg.scorer)
+        if not len(train_data):
+            raise DataError(f"no training cases in splits {splits} of {cfg.input}")
+        torch.manual_seed(cfg.seed)
+        model = ProfileScorer(index.vectors, priors, setup.recommender.params.window, cfg.scorer).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        if number == progress["phase"] and progress["model"] is not None:
+            model.load_state_dict(progress["model"])
+            optimizer.load_state_dict(progress["optimizer"])
+        first = progress["epoch"] if number == progress["phase"] else 0
+        epochs = cfg.epochs if phase == "select" else progress["best_epoch"]
+        wrapped = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False}) \
+            if world > 1 else model
+        mine = torch.arange(len(train_data))[rank::world]
+        shard = CaseTensors(*train_data.take(mine))
+        for epoch in range(first, epochs):
+            if phase == "select" and progress["stale"] >= cfg.patience:
+                log.info("early stop after epoch %d: NDCG@10 on %s has not improved for %d epochs",
+                         epoch, cfg.eval_split, progress["stale"])
+                break
+            started = time.perf_counter()
+            generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            loss = train_epoch(wrapped, optimizer, shard, cfg.batch_size, generator, device=device)
+            seconds = time.perf_counter() - started
+            # the workers step in lockstep: every worker's cases count towards the rate
+            report = {"phase": phase, "epoch": epoch + 1, "train_loss": loss, "cases": len(train_data),
+                      "seconds": round(seconds, 1), "samples_per_s": round(world * len(shard) / seconds, 1)}
+            if phase == "select":
+                metrics = model_metrics(model, eval_data, dropped=len(eval_cases) - len(eval_data),
+                                        num_items=len(index), device=device)
+                report.update({f"val_{k}": v for k, v in metrics.items()})
+                score = metrics["NDCG@10"]
+                if score > progress["best"]:
+                    progress.update(best=score, best_epoch=epoch + 1, stale=0,
+                                    best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+                else:
+                    progress["stale"] += 1
+            progress["history"].append(report)
+            progress.update(phase=number, epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict())
+            log.info("%s", report)
+            _report(progress, report, rank, None)
+        if phase == "select":
+            progress.update(phase=number + 1, epoch=0, model=None, optimizer=None)
+    final = ProfileScorer(index.vectors, setup.priors(phases(cfg)[-1][2], cfg.scorer.transition_span),
+                          setup.recommender.params.window, cfg.scorer)
+    final_state = progress["model"] if cfg.refit else progress["best_state"]
+    final.load_state_dict({k: v.cpu() for k, v in final_state.items()})
+    _report(progress, {"phase": "final", "best_epoch": progress["best_epoch"], "val_NDCG@10": progress["best"]},
+            rank, (final, index.item_ids, setup.recommender.params, phases(cfg)[-1][1]))
+
+
+def _report(progress: dict, report: dict, rank: int, final) -> None:
+    """Report one epoch; rank 0 attaches the checkpoint (training state, and the final scorer)."""
+
+    with tempfile.TemporaryDirectory() as folder:
+        if rank != 0:
+            ray.train.report(report)
+            return
+        torch.save(progress, os.path.join(folder, TRAIN_STATE))
+        with open(os.path.join(folder, "metrics.json"), "w") as f:
+            json.dump({**report, "history": progress["history"], "best_epoch": progress["best_epoch"]}, f)
+        if final is not None:
+            model, item_ids, params, trained_on = final
+            save_scorer(model, os.path.join(folder, SCORER_DIR), item_ids, params, trained_on)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    """The train job: fit the scorer on Ray Train and write it to `<output>/scorer`.
+
+    Returns the manifest written beside it (validation metrics of the chosen epoch, history).
+    """
+
+    cfg = dataclasses.replace(cfg, input=storage.absolute(cfg.input), output=storage.absolute(cfg.output),
+                              embeddings=storage.absolute(cfg.embeddings))
+    started = time.perf_counter()
+    run = fit_on_ray_train(train_loop, cfg, ("output",), ray.train.CheckpointConfig(num_to_keep=2))
+    result, name = run.result, run.name
+    with result.checkpoint.as_directory() as folder:
+        metrics = read_metrics(folder)
+        if not os.path.isdir(os.path.join(folder, SCORER_DIR)):
+            raise DataError(f"training run {name} stopped before it saved the final scorer; run it again to resume")
+        storage.upload_dir(os.path.join(folder, SCORER_DIR), storage.join(cfg.output, SCORER_DIR))
+    history = metrics["history"]
+    best = next((h for h in history if h["phase"] == "select" and h["epoch"] == metrics["best_epoch"]), {})
+    manifest = {"run": name, "storage_path": run.storage_path, "best_epoch": metrics["best_epoch"],
+                "validation": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
+                "refit": cfg.refit, "history": history, "embeddings": cfg.embeddings, "use_gpu": run.use_gpu,
+                "num_workers": cfg.num_workers, "seconds": round(time.perf_counter() - started, 1),
+                "config": to_dict(cfg)}
+    storage.write_json(manifest, storage.join(cfg.output, SCORER_DIR, "manifest.json"))
+    return manifest
