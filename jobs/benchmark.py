@@ -1,7 +1,7 @@
-"""`python jobs/benchmark.py [--config FILE.yaml] [--name value ...]`: see profilerec.cli.commands.benchmark."""
+"""`python jobs/benchmark.py [--config FILE.yaml] [--setting value ...]`: the same as `profilerec benchmark`
+(`--help` lists the settings); see profilerec.cli.commands."""
 
-from profilerec.cli.commands import benchmark
-from profilerec.cli.console import run_job
+from profilerec.cli.commands import run_job
 
 if __name__ == "__main__":
-    run_job(benchmark)
+    run_job("benchmark")

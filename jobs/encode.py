@@ -1,7 +1,7 @@
-"""`python jobs/encode.py [--config FILE.yaml] [--name value ...]`: see profilerec.cli.commands.encode."""
+"""`python jobs/encode.py [--config FILE.yaml] [--setting value ...]`: the same as `profilerec encode`
+(`--help` lists the settings); see profilerec.cli.commands."""
 
-from profilerec.cli.commands import encode
-from profilerec.cli.console import run_job
+from profilerec.cli.commands import run_job
 
 if __name__ == "__main__":
-    run_job(encode)
+    run_job("encode")

@@ -1,7 +1,7 @@
-"""`python jobs/evaluate.py [--config FILE.yaml] [--name value ...]`: see profilerec.cli.commands.evaluate."""
+"""`python jobs/evaluate.py [--config FILE.yaml] [--setting value ...]`: the same as `profilerec evaluate`
+(`--help` lists the settings); see profilerec.cli.commands."""
 
-from profilerec.cli.commands import evaluate
-from profilerec.cli.console import run_job
+from profilerec.cli.commands import run_job
 
 if __name__ == "__main__":
-    run_job(evaluate)
+    run_job("evaluate")

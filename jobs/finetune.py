@@ -1,7 +1,7 @@
-"""`python jobs/finetune.py [--config FILE.yaml] [--name value ...]`: see profilerec.cli.commands.finetune."""
+"""`python jobs/finetune.py [--config FILE.yaml] [--setting value ...]`: the same as `profilerec finetune`
+(`--help` lists the settings); see profilerec.cli.commands."""
 
-from profilerec.cli.commands import finetune
-from profilerec.cli.console import run_job
+from profilerec.cli.commands import run_job
 
 if __name__ == "__main__":
-    run_job(finetune)
+    run_job("finetune")

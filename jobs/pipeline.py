@@ -1,7 +1,7 @@
-"""`python jobs/pipeline.py [--config FILE.yaml] [--name value ...]`: see profilerec.cli.commands.pipeline."""
+"""`python jobs/pipeline.py [--config FILE.yaml] [--setting value ...]`: the same as `profilerec pipeline`
+(`--help` lists the settings); see profilerec.cli.commands."""
 
-from profilerec.cli.commands import pipeline
-from profilerec.cli.console import run_job
+from profilerec.cli.commands import run_job
 
 if __name__ == "__main__":
-    run_job(pipeline)
+    run_job("pipeline")

@@ -1,7 +1,7 @@
-"""`python jobs/profiles.py [--config FILE.yaml] [--name value ...]`: see profilerec.cli.commands.profiles."""
+"""`python jobs/profiles.py [--config FILE.yaml] [--setting value ...]`: the same as `profilerec profiles`
+(`--help` lists the settings); see profilerec.cli.commands."""
 
-from profilerec.cli.commands import profiles
-from profilerec.cli.console import run_job
+from profilerec.cli.commands import run_job
 
 if __name__ == "__main__":
-    run_job(profiles)
+    run_job("profiles")

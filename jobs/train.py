@@ -1,7 +1,7 @@
-"""`python jobs/train.py [--config FILE.yaml] [--name value ...]`: see profilerec.cli.commands.train."""
+"""`python jobs/train.py [--config FILE.yaml] [--setting value ...]`: the same as `profilerec train`
+(`--help` lists the settings); see profilerec.cli.commands."""
 
-from profilerec.cli.commands import train
-from profilerec.cli.console import run_job
+from profilerec.cli.commands import run_job
 
 if __name__ == "__main__":
-    run_job(train)
+    run_job("train")

@@ -406,7 +406,7 @@ def test_prepare_job_reports_user_errors_in_one_line(tmp_path):
                            "--input", str(tmp_path / "absent"), "--output", str(tmp_path / "out")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == f"error: input folder not found: {tmp_path / 'absent'}"
+    assert proc.stderr.strip().splitlines()[-1] == f"error: setting input: no input folder or file at {tmp_path / 'absent'}"
     assert "Traceback" not in proc.stderr
 
 

@@ -35,109 +35,132 @@ def default_data_path() -> str:
     return os.path.join(os.path.dirname(__file__), "sample_data", "amazon-industrial-sample")
 
 
+def setting(default: Any = dataclasses.MISSING, help: str = "", *,
+            factory: Any = dataclasses.MISSING) -> Any:
+    """A config field and its one-line description: the description is what `profilerec <job>
+    --help` prints next to the setting, so the code and the help cannot drift apart."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
+def setting_help(f: dataclasses.Field) -> str:
+    """The description a field was declared with (empty for a plain dataclass field)."""
+    return f.metadata.get("help", "")
+
+
 @dataclass
 class RayConfig:
-    """How a job reaches Ray: `auto` joins a running cluster if there is one, else starts a local one."""
+    """How a job reaches Ray: the cluster at `address` (`auto`: the one `ray start` runs on this
+    machine), else a new local instance of the job's own."""
 
-    address: Optional[str] = None
-    num_cpus: Optional[int] = None  # only for a local instance; None lets Ray count the cores
+    address: Optional[str] = setting(
+        None, "Ray cluster to join (host:port, auto, ray://host:port); none: RAY_ADDRESS, else a local instance")
+    num_cpus: Optional[int] = setting(None, "CPUs of a local instance; none lets Ray count the cores")
+
+
+@dataclass
+class ConsoleConfig:
+    """What a job prints: its own story on the terminal, Ray's logs in a file (every job)."""
+
+    verbose: bool = setting(False, "show Ray's own logs, progress and workers' output on the terminal too")
+    log_dir: Optional[str] = setting(
+        None, "folder of the job's log file; none: logs/ in the work folder (beside the job's output)")
 
 
 @dataclass
 class PrepareConfig:
     """jobs/prepare.py: a source folder or file -> canonical Parquet under `output`."""
 
-    source: str = "amazon"  # amazon | movielens | generic
-    input: str = field(default_factory=default_data_path)
-    output: str = f"{DEFAULT_WORK_DIR}/prepared"
-    # generic source only: canonical column name -> column name in the input files
-    events_file: str = "events.csv"
-    items_file: str = "items.csv"
-    columns: dict[str, str] = field(default_factory=dict)
-    # keep only this many users (the first ones in a stable hash order); None keeps all
-    sample_users: Optional[int] = None
-    # with sample_users: also cut the catalog to the items those users touched (a fast demo;
-    # metrics on a cut catalog are not comparable with published full-catalog figures)
-    sample_items: bool = False
-    # evaluation protocol for logs without a published split: hold out each user's last positive
-    # event (test) and the one before (valid)
-    positive_min_value: float = 4.0
+    source: str = setting("amazon", "format of the input: amazon | movielens | generic")
+    input: str = setting(factory=default_data_path,
+                         help="source folder or file; default: ../shared/data/amazon-industrial beside the working "
+                              "directory or the checkout, else the sample bundled with the package")
+    output: str = setting(f"{DEFAULT_WORK_DIR}/prepared", "folder the canonical Parquet is written to")
+    events_file: str = setting("events.csv", "generic source only: the events file inside input")
+    items_file: str = setting("items.csv", "generic source only: the items file inside input")
+    columns: dict[str, str] = setting(
+        factory=dict, help="generic source only: canonical column name -> column name in the input files")
+    sample_users: Optional[int] = setting(
+        None, "keep only this many users (the first ones in a stable hash order); none keeps all")
+    sample_items: bool = setting(
+        False, "with sample_users: also cut the catalog to the items those users touched (a fast demo; "
+               "metrics on a cut catalog are not comparable with published full-catalog figures)")
+    positive_min_value: float = setting(
+        4.0, "logs without a published split: a rating at least this is a positive event; each user's last "
+             "positive event is held out for test and the one before for valid")
 
 
 @dataclass
 class EncodeConfig:
     """jobs/encode.py: item texts and event texts -> embeddings Parquet, on a Ray Data actor pool."""
 
-    input: str = f"{DEFAULT_WORK_DIR}/prepared"
-    output: str = f"{DEFAULT_WORK_DIR}/embeddings"
-    model: str = "default"  # "default" = bundled all-MiniLM-L6-v2; or a local folder / hub id
-    batch_size: int = 64
-    max_length: int = 128
-    # padded tokens per model call: texts are sorted by token length and batched up to this budget
-    # (at most 8 x batch_size rows), so short texts go in big batches and nothing pads to 128
-    token_budget: int = 2048
-    # auto: bf16 on GPUs and on CPUs with bf16 matrix hardware (AMX), else fp32; int8 (CPU, dynamic
-    # quantisation: faster, but some vectors fall below cosine 0.99 to fp32, see docs/encoding.md); fp32; bf16
-    precision: str = "auto"
-    num_actors: int = 1
-    num_gpus_per_actor: Optional[float] = None  # None: 1 when the cluster has GPUs, else 0
-    num_cpus_per_actor: float = 1.0
-    # torch threads per CPU encoder actor; None: the cores of the machine / num_actors (Ray itself
-    # would leave each worker one thread)
-    torch_threads: Optional[int] = None
-    include_event_texts: bool = True
-    # vectors already computed, keyed by model fingerprint and text hash; None: <output>/cache
-    cache: Optional[str] = None
-    ray: RayConfig = field(default_factory=RayConfig)
+    input: str = setting(f"{DEFAULT_WORK_DIR}/prepared", "prepared folder (output of prepare)")
+    output: str = setting(f"{DEFAULT_WORK_DIR}/embeddings", "folder the embeddings are written to")
+    model: str = setting("default", "text encoder: default (bundled all-MiniLM-L6-v2), a local folder or a hub id")
+    batch_size: int = setting(64, "texts per model call (at most 8 x this with token_budget)")
+    max_length: int = setting(128, "tokens kept of each text")
+    token_budget: int = setting(
+        2048, "padded tokens per model call: texts are sorted by length and batched up to this budget, "
+              "so short texts go in big batches")
+    precision: str = setting(
+        "auto", "auto (bf16 on GPUs and on CPUs with AMX, else fp32) | fp32 | bf16 | int8 (CPU only: faster, "
+                "some vectors below cosine 0.99 to fp32, see docs/encoding.md)")
+    num_actors: int = setting(1, "encoder actors in the Ray Data pool")
+    num_gpus_per_actor: Optional[float] = setting(
+        None, "GPUs per encoder actor; none: 1 when the cluster has GPUs, else 0")
+    num_cpus_per_actor: float = setting(1.0, "CPUs Ray reserves per encoder actor")
+    torch_threads: Optional[int] = setting(
+        None, "torch threads per CPU encoder actor; none: the machine's cores / num_actors")
+    include_event_texts: bool = setting(True, "also encode the texts of events (reviews, searches)")
+    cache: Optional[str] = setting(
+        None, "vectors already computed, keyed by model and text hash; none: <output>/cache")
+    ray: RayConfig = setting(factory=RayConfig, help="how the job reaches Ray")
 
 
 @dataclass
 class FinetuneConfig:
     """jobs/finetune.py: Ray Train fine-tuning of the encoder on next-item prediction."""
 
-    input: str = f"{DEFAULT_WORK_DIR}/prepared"
-    output: str = f"{DEFAULT_WORK_DIR}/model"
-    model: str = "default"
-    epochs: int = 1
-    max_steps_per_epoch: Optional[int] = None  # cap for quick runs; None = whole epoch
-    batch_size: int = 32
-    max_length: int = 64
-    learning_rate: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    temperature: float = 0.05
-    patience: int = 1  # early stopping: epochs without a better validation NDCG@10
-    eval_max_cases: Optional[int] = 1000  # validation cases scored each epoch
-    train_splits: list[str] = field(default_factory=lambda: ["train"])
-    eval_split: str = "valid"
-    num_workers: int = 1
-    use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
-    # torch threads per worker; None: the node's cores shared by the workers on it (Ray starts
-    # workers with OMP_NUM_THREADS=1, which would leave all but one core idle)
-    threads_per_worker: Optional[int] = None
-    # bf16 autocast (mixed precision); None: on for CUDA GPUs that support bf16 and for CPUs with
-    # bf16 matrix hardware (AMX), off elsewhere
-    bf16: Optional[bool] = None
-    seed: int = 0
-    storage_path: Optional[str] = None  # Ray Train checkpoints; None = <output>/../ray_train
-    run_name: str = "profilerec-finetune"
-    ray: RayConfig = field(default_factory=RayConfig)
+    input: str = setting(f"{DEFAULT_WORK_DIR}/prepared", "prepared folder (output of prepare)")
+    output: str = setting(f"{DEFAULT_WORK_DIR}/model", "folder the fine-tuned encoder goes to (<output>/encoder)")
+    model: str = setting("default", "encoder to start from: default (bundled all-MiniLM-L6-v2), a folder or a hub id")
+    epochs: int = setting(1, "training epochs at most")
+    max_steps_per_epoch: Optional[int] = setting(None, "cap for quick runs; none: the whole epoch")
+    batch_size: int = setting(32, "training cases per step (per worker)")
+    max_length: int = setting(64, "tokens kept of each text")
+    learning_rate: float = setting(2e-5, "AdamW learning rate")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    warmup_ratio: float = setting(0.1, "share of the steps with a linear learning-rate warm-up")
+    temperature: float = setting(0.05, "softmax temperature of the contrastive loss")
+    patience: int = setting(1, "early stopping: epochs without a better validation NDCG@10")
+    eval_max_cases: Optional[int] = setting(1000, "validation cases scored each epoch; none: all")
+    train_splits: list[str] = setting(factory=lambda: ["train"], help="splits whose cases are trained on")
+    eval_split: str = setting("valid", "split the epochs are judged on")
+    num_workers: int = setting(1, "Ray Train workers (one per GPU on a GPU cluster)")
+    use_gpu: Optional[bool] = setting(None, "none: use GPUs when the cluster has them")
+    threads_per_worker: Optional[int] = setting(
+        None, "torch threads per worker; none: the node's cores shared by the workers on it")
+    bf16: Optional[bool] = setting(
+        None, "bf16 autocast; none: on for CUDA GPUs with bf16 and CPUs with AMX, off elsewhere")
+    seed: int = setting(0, "random seed")
+    storage_path: Optional[str] = setting(None, "Ray Train checkpoints; none: <output>/../ray_train")
+    run_name: str = setting("profilerec-finetune", "Ray Train run name (a fingerprint of the settings is added)")
+    ray: RayConfig = setting(factory=RayConfig, help="how the job reaches Ray")
 
 
 @dataclass
 class ScorerConfig:
     """Architecture of the profile scorer (model/scorer.py), saved with it. Each switch is one ablation."""
 
-    id_embeddings: bool = False  # learned per-item vectors next to the text (overfit small logs)
-    attention: bool = True  # attention over the recent window (position, time gap, event type)
-    interests: bool = True  # the long- and short-term interest vectors in the user vector
-    repeat: bool = True  # a learned bonus for items already in the window, by position
-    transitions: bool = True  # what users touched next after each window item, from the log
-    popularity: bool = True  # the log-count of each item
-    transition_span: int = 1  # count pairs up to this many events apart
-    dropout: float = 0.2
-    types: list[str] = field(default_factory=lambda: [
-        "view", "click", "cart", "purchase", "review", "rating", "search", "tag"])
+    id_embeddings: bool = setting(False, "learned per-item vectors next to the text (overfit small logs)")
+    attention: bool = setting(True, "attention over the recent window (position, time gap, event type)")
+    interests: bool = setting(True, "the long- and short-term interest vectors in the user vector")
+    repeat: bool = setting(True, "a learned bonus for items already in the window, by position")
+    transitions: bool = setting(True, "what users touched next after each window item, from the log")
+    popularity: bool = setting(True, "the log-count of each item")
+    transition_span: int = setting(1, "count item pairs up to this many events apart")
+    dropout: float = setting(0.2, "dropout in the user vector")
+    types: list[str] = setting(factory=lambda: [
+        "view", "click", "cart", "purchase", "review", "rating", "search", "tag"], help="event types the scorer knows")
 
 
 @dataclass
@@ -149,25 +172,26 @@ class TrainConfig:
     (those events precede later splits), and that model is the one written and served.
     """
 
-    input: str = f"{DEFAULT_WORK_DIR}/prepared"
-    embeddings: str = f"{DEFAULT_WORK_DIR}/embeddings/base"
-    output: str = f"{DEFAULT_WORK_DIR}/model"
-    scorer: ScorerConfig = field(default_factory=ScorerConfig)
-    epochs: int = 15  # at most; the refit trains as many as validation chose
-    patience: int = 3
-    batch_size: int = 128
-    learning_rate: float = 3e-3
-    weight_decay: float = 0.0
-    train_splits: list[str] = field(default_factory=lambda: ["train"])
-    eval_split: str = "valid"
-    refit: bool = True
-    num_workers: int = 1
-    use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
-    threads_per_worker: Optional[int] = None  # None: the node's cores shared by the workers on it
-    seed: int = 0
-    storage_path: Optional[str] = None  # Ray Train checkpoints; None = <output>/../ray_train
-    run_name: str = "profilerec-train"
-    ray: RayConfig = field(default_factory=RayConfig)
+    input: str = setting(f"{DEFAULT_WORK_DIR}/prepared", "prepared folder (output of prepare)")
+    embeddings: str = setting(f"{DEFAULT_WORK_DIR}/embeddings/base", "embeddings folder (output of encode)")
+    output: str = setting(f"{DEFAULT_WORK_DIR}/model", "folder the scorer goes to (<output>/scorer)")
+    scorer: ScorerConfig = setting(factory=ScorerConfig, help="architecture of the scorer")
+    epochs: int = setting(15, "epochs at most; the refit trains as many as validation chose")
+    patience: int = setting(3, "early stopping: epochs without a better validation NDCG@10")
+    batch_size: int = setting(128, "training cases per step (per worker)")
+    learning_rate: float = setting(3e-3, "AdamW learning rate")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    train_splits: list[str] = setting(factory=lambda: ["train"], help="splits whose cases are trained on")
+    eval_split: str = setting("valid", "split the epochs are chosen on")
+    refit: bool = setting(True, "train again on the training splits + eval_split for the chosen epochs")
+    num_workers: int = setting(1, "Ray Train workers (one per GPU on a GPU cluster)")
+    use_gpu: Optional[bool] = setting(None, "none: use GPUs when the cluster has them")
+    threads_per_worker: Optional[int] = setting(
+        None, "torch threads per worker; none: the node's cores shared by the workers on it")
+    seed: int = setting(0, "random seed (training is deterministic for a seed)")
+    storage_path: Optional[str] = setting(None, "Ray Train checkpoints; none: <output>/../ray_train")
+    run_name: str = setting("profilerec-train", "Ray Train run name (a fingerprint of the settings is added)")
+    ray: RayConfig = setting(factory=RayConfig, help="how the job reaches Ray")
 
 
 @dataclass
@@ -176,76 +200,76 @@ class BenchmarkConfig:
     train every variant with Ray Train, evaluate valid and test. Stages whose output already
     exists under `work_dir` are reused."""
 
-    work_dir: str = f"{DEFAULT_WORK_DIR}/benchmark"
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    encode: EncodeConfig = field(default_factory=EncodeConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    ablation: bool = True  # every row of the ablation; false: only the default configuration
-    finetune_encoder: bool = False  # add the "+ fine-tuned encoder" row (slow on a CPU)
-    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=1, max_steps_per_epoch=40))
-    ks: list[int] = field(default_factory=lambda: [3, 5, 10])
-    ray: RayConfig = field(default_factory=RayConfig)
+    work_dir: str = setting(f"{DEFAULT_WORK_DIR}/benchmark", "folder of every stage's output and the report")
+    prepare: PrepareConfig = setting(factory=PrepareConfig, help="the prepare stage")
+    encode: EncodeConfig = setting(factory=EncodeConfig, help="the encode stage")
+    train: TrainConfig = setting(factory=TrainConfig, help="training of each variant")
+    ablation: bool = setting(True, "every row of the ablation; false: only the default configuration")
+    finetune_encoder: bool = setting(False, "add the + fine-tuned encoder row (slow on a CPU)")
+    finetune: FinetuneConfig = setting(factory=lambda: FinetuneConfig(epochs=1, max_steps_per_epoch=40),
+                                       help="the encoder fine-tune (with finetune_encoder)")
+    ks: list[int] = setting(factory=lambda: [3, 5, 10], help="cut-offs of HR@K and NDCG@K")
+    ray: RayConfig = setting(factory=RayConfig, help="how the job reaches Ray")
 
 
 @dataclass
 class ProfilesConfig:
     """jobs/profiles.py: every user's profile state built in batch from the event log."""
 
-    input: str = f"{DEFAULT_WORK_DIR}/prepared"
-    embeddings: str = f"{DEFAULT_WORK_DIR}/embeddings"
-    model: str = f"{DEFAULT_WORK_DIR}/model"
-    output: str = f"{DEFAULT_WORK_DIR}/profiles"
-    workers: Optional[int] = None  # processes building profiles; None: one per core, 1: in this process
+    input: str = setting(f"{DEFAULT_WORK_DIR}/prepared", "prepared folder (output of prepare)")
+    embeddings: str = setting(f"{DEFAULT_WORK_DIR}/embeddings", "embeddings folder (output of encode)")
+    model: str = setting(f"{DEFAULT_WORK_DIR}/model", "model folder (output of train)")
+    output: str = setting(f"{DEFAULT_WORK_DIR}/profiles", "folder the states and item priors are written to")
+    workers: Optional[int] = setting(None, "processes building profiles; none: one per core, 1: in this process")
 
 
 @dataclass
 class EvaluateConfig:
     """jobs/evaluate.py: full-ranking replay evaluation with baselines, report as JSON/Markdown/PNG."""
 
-    input: str = f"{DEFAULT_WORK_DIR}/prepared"
-    embeddings: str = f"{DEFAULT_WORK_DIR}/embeddings"
-    model: str = f"{DEFAULT_WORK_DIR}/model"
-    baseline_embeddings: Optional[str] = None  # embeddings of the untuned encoder, for the zero-shot line
-    output: str = f"{DEFAULT_WORK_DIR}/report"
-    method_name: str = "profilerec"
-    split: str = "test"
-    ks: list[int] = field(default_factory=lambda: [3, 5, 10])
-    max_cases: Optional[int] = None
-    baselines: bool = True
-    workers: Optional[int] = None  # processes replaying cases; None: one per core, 1: in this process
+    input: str = setting(f"{DEFAULT_WORK_DIR}/prepared", "prepared folder (output of prepare)")
+    embeddings: str = setting(f"{DEFAULT_WORK_DIR}/embeddings", "embeddings folder (output of encode)")
+    model: str = setting(f"{DEFAULT_WORK_DIR}/model", "model folder (output of train)")
+    baseline_embeddings: Optional[str] = setting(
+        None, "embeddings of the untuned encoder, for the zero-shot line; none: no such line")
+    output: str = setting(f"{DEFAULT_WORK_DIR}/report", "folder the report is written to")
+    method_name: str = setting("profilerec", "name of the evaluated model in the report")
+    split: str = setting("test", "split whose cases are scored (train | valid | test)")
+    ks: list[int] = setting(factory=lambda: [3, 5, 10], help="cut-offs of HR@K and NDCG@K")
+    max_cases: Optional[int] = setting(None, "score only the first this many cases; none: all")
+    baselines: bool = setting(True, "also score popularity and the zero-shot profile")
+    workers: Optional[int] = setting(None, "processes replaying cases; none: one per core, 1: in this process")
 
 
 @dataclass
 class ServeConfig:
     """The Ray Serve application (serve/app.py): where its state lives and how it is sharded."""
 
-    prepared: str = f"{DEFAULT_WORK_DIR}/prepared"
-    embeddings: str = f"{DEFAULT_WORK_DIR}/embeddings"
-    model: str = f"{DEFAULT_WORK_DIR}/model"
-    profiles: Optional[str] = f"{DEFAULT_WORK_DIR}/profiles"  # popularity prior (and batch-built states)
-    state_dir: str = f"{DEFAULT_WORK_DIR}/serve_state"
-    num_shards: int = 2
-    shard_num_cpus: float = 0.25
-    snapshot_every: int = 50_000  # events per shard between snapshots
-    # how long after a DELETE a late retry of one of the user's remembered events is still
-    # recognised and ignored (instead of bringing the user back)
-    tombstone_ttl_s: float = 7 * 24 * 3600.0
-    # events stamped more than this after the service's clock are refused (422 naming ts) ...
-    max_ahead_s: float = 300.0
-    # ... and, when set, those older than this; older events are applied as late events
-    # (profile.py: in arrival order, with no time gap)
-    max_age_s: Optional[float] = None
-    # how long an ingress replica waits for a shard on its node to answer a read before yielding
-    # its event loop (read_channel.py: yielding costs Serve a disconnect watch); 0 = always yield
-    read_wait_ms: float = 5.0
-    # users per shard whose packed profile is kept in shared memory for the ingress replicas of
-    # the node to score themselves (profile_board.py; 3.2 KB of the node's temp dir each, allocated
-    # when the shard starts); 0 = every read goes to the shard
-    board_users: int = 65_536
-    host: str = "127.0.0.1"
-    port: int = 8000
-    token_env: str = "PROFILEREC_API_TOKEN"  # bearer token for writes, from this environment variable
-    token_file: Optional[str] = None  # ... or from this file; default <state_dir>/api_token
+    prepared: str = setting(f"{DEFAULT_WORK_DIR}/prepared", "prepared folder: the catalog served")
+    embeddings: str = setting(f"{DEFAULT_WORK_DIR}/embeddings", "embeddings folder (output of encode)")
+    model: str = setting(f"{DEFAULT_WORK_DIR}/model", "model folder (output of train)")
+    profiles: Optional[str] = setting(
+        f"{DEFAULT_WORK_DIR}/profiles", "popularity prior and batch-built states (output of profiles)")
+    state_dir: str = setting(f"{DEFAULT_WORK_DIR}/serve_state", "write-ahead logs and snapshots of the shards")
+    num_shards: int = setting(2, "profile shard actors")
+    shard_num_cpus: float = setting(0.25, "CPUs Ray reserves per shard actor")
+    snapshot_every: int = setting(50_000, "events per shard between snapshots")
+    tombstone_ttl_s: float = setting(
+        7 * 24 * 3600.0, "how long after a DELETE a late retry of one of the user's remembered events is "
+                         "still recognised and ignored (instead of bringing the user back)")
+    max_ahead_s: float = setting(300.0, "events stamped more than this after the service's clock are refused (422)")
+    max_age_s: Optional[float] = setting(
+        None, "events older than this are refused too; none: older events are applied as late events")
+    read_wait_ms: float = setting(
+        5.0, "how long an ingress replica waits for a shard on its node to answer a read before yielding "
+             "its event loop (read_channel.py); 0: always yield")
+    board_users: int = setting(
+        65_536, "users per shard whose packed profile is kept in shared memory for the node's ingress "
+                "replicas to score themselves (3.2 KB of the temp dir each); 0: every read goes to the shard")
+    host: str = setting("127.0.0.1", "HTTP host of the service")
+    port: int = setting(8000, "HTTP port of the service")
+    token_env: str = setting("PROFILEREC_API_TOKEN", "environment variable holding the bearer token for writes")
+    token_file: Optional[str] = setting(None, "... or the file holding it; none: <state_dir>/api_token")
 
 
 @dataclass
@@ -256,19 +280,21 @@ class PipelineConfig:
     of each section apply as in the job's own config.
     """
 
-    work_dir: str = DEFAULT_WORK_DIR
-    # a few hundred real users and the items they touched: the whole workflow in minutes
-    prepare: PrepareConfig = field(default_factory=lambda: PrepareConfig(sample_users=400, sample_items=True))
-    encode: EncodeConfig = field(default_factory=EncodeConfig)
-    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=1, max_steps_per_epoch=40))
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
-    # fine-tune the encoder too (slow on a CPU; on Amazon it did not beat the untuned encoder)
-    run_finetune: bool = False
-    run_service: bool = True  # start the service and send the demo requests
-    keep_serving: bool = False  # leave the service running (Ctrl-C stops it)
-    ray: RayConfig = field(default_factory=RayConfig)
+    work_dir: str = setting(DEFAULT_WORK_DIR, "folder of every stage's output, the service's state and the logs")
+    prepare: PrepareConfig = setting(
+        factory=lambda: PrepareConfig(sample_users=400, sample_items=True),
+        help="the prepare stage (a few hundred real users and the items they touched: the workflow in minutes)")
+    encode: EncodeConfig = setting(factory=EncodeConfig, help="the encode stage")
+    finetune: FinetuneConfig = setting(factory=lambda: FinetuneConfig(epochs=1, max_steps_per_epoch=40),
+                                       help="the encoder fine-tune (with run_finetune)")
+    train: TrainConfig = setting(factory=TrainConfig, help="the scorer training stage")
+    evaluate: EvaluateConfig = setting(factory=EvaluateConfig, help="the evaluate stage")
+    serve: ServeConfig = setting(factory=ServeConfig, help="the service")
+    run_finetune: bool = setting(
+        False, "fine-tune the encoder too (slow on a CPU; on Amazon it did not beat the untuned encoder)")
+    run_service: bool = setting(True, "start the service and send the demo requests")
+    keep_serving: bool = setting(False, "leave the service running (Ctrl-C stops it)")
+    ray: RayConfig = setting(factory=RayConfig, help="how the job reaches Ray (every stage)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,6 +349,58 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+@dataclass(frozen=True)
+class SettingInfo:
+    """One setting as `--help` shows it: dotted name, type, default and description."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
+def iter_settings(config: Any, prefix: str = "") -> typing.Iterator[SettingInfo]:
+    """Every leaf setting of a config instance, sections flattened to dotted names, in field
+    order; the defaults are the instance's values (a section's own defaults included)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from iter_settings(value, f"{prefix}{f.name}.")
+        else:
+            yield SettingInfo(f"{prefix}{f.name}", type_name(hints[f.name]), value, setting_help(f))
+
+
+def type_name(tp: Any) -> str:
+    """How `--help` names a setting's type: INT, NUM, TEXT, BOOL, a list or mapping of them, `|none`
+    when it may be left unset."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return type_name(inner[0]) + ("|none" if type(None) in args else "")
+    if origin is list:
+        return f"[{type_name(args[0])},...]"
+    if origin is dict:
+        return f"{{{type_name(args[0])}: {type_name(args[1])}}}"
+    return {bool: "true|false", int: "INT", float: "NUM", str: "TEXT"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def pop_settings(cls: type, argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split `--name value` flags into those naming a field of `cls` and the rest (in order), so
+    two configs can be read from one command line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    mine: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        take = 1 if "=" in argv[i] or not argv[i].startswith("--") or i + 1 >= len(argv) else 2
+        flag = argv[i : i + take]
+        name = flag[0][2:].split("=", 1)[0].replace("-", "_") if flag[0].startswith("--") else None
+        (mine if name in names else rest).extend(flag)
+        i += take
+    return mine, rest
+
+
 def _pairs(argv: list[str]) -> list[tuple[str, str]]:
     pairs = []
     i = 0
@@ -356,7 +434,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        # `--max_cases none` as well as YAML's null: `--help` shows unset defaults as none
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() == "none")):
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, name)

@@ -17,8 +17,8 @@ See docs/encoding.md.
 from __future__ import annotations
 
 import logging
-import sys
 import time
+import uuid
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
@@ -42,7 +42,7 @@ from profilerec.model.encoder import (
     text_hash,
     token_ids,
 )
-from profilerec.runtime.cluster import encoder_actor_resources, model_worker_runtime_env
+from profilerec.runtime.cluster import ProgressFn, encoder_actor_resources, model_worker_runtime_env
 from profilerec.runtime.parallel import cores_per_worker
 
 log = logging.getLogger(__name__)
@@ -152,17 +152,26 @@ def cached_hashes(location: str) -> pa.Array:
     return pa.chunked_array(list(scan_column(location, "text_hash")), pa.string()).combine_chunks()
 
 
+def write_cache_part(batch: pa.Table, location: str) -> pa.Table:
+    """Ray Data task: write one encoded batch as a new Parquet file of the cache folder; returns
+    its row count, which is all the driver receives. The file is written under a name readers
+    skip (leading "_") and then moved into place, so a run cut short leaves no partial file."""
+    fs, path = storage.resolve(location)
+    fs.create_dir(path, recursive=True)
+    name = uuid.uuid4().hex
+    pq.write_table(batch, f"{path}/_{name}.parquet", filesystem=fs)
+    fs.move(f"{path}/_{name}.parquet", f"{path}/{name}.parquet")
+    return pa.table({"rows": pa.array([batch.num_rows], pa.int64())})
+
+
 def encode_into_cache(hashes: list[str], texts: list[str], location: str, cfg: EncodeConfig, use_gpu: bool,
-                      precision: str) -> None:
+                      precision: str, progress: Optional[ProgressFn] = None) -> None:
     """Encode (hash, text) rows on Ray Data and append (text_hash, vector) Parquet to `location`.
 
     Tokenising runs in Ray Data tasks next to the encoder actors, and Parquet writing after them,
-    so I/O and compute overlap; the driver never holds the vectors.
+    so I/O and compute overlap; the driver never holds the vectors, only each written part's row
+    count, which moves `progress("texts encoded", done, total)`.
     """
-
-
-    if not sys.stdout.isatty():  # logged progress: one summary line per interval, not one per operator
-        ray.data.DataContext.get_current().enable_operator_progress_bars = False
     gpus = encoder_actor_resources(cfg, use_gpu)["GPU"]
     threads = None
     if not gpus:
@@ -184,8 +193,15 @@ def encode_into_cache(hashes: list[str], texts: list[str], location: str, cfg: E
         num_cpus=cfg.num_cpus_per_actor,
         runtime_env=model_worker_runtime_env(),
     )
-    fs, path = storage.resolve(location)
-    encoded.write_parquet(path, filesystem=fs, mode="append")
+    written = encoded.map_batches(write_cache_part, fn_kwargs=dict(location=location), batch_size=None,
+                                  batch_format="pyarrow", num_cpus=0.25)
+    done = 0
+    if progress is not None:
+        progress("texts encoded", done, len(hashes))
+    for counts in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+        done += sum(counts.column("rows").to_pylist())
+        if progress is not None:
+            progress("texts encoded", done, len(hashes))
 
 
 def write_from_cache(keys: pa.Table, cache: str, location: str) -> int:
@@ -224,9 +240,10 @@ def write_from_cache(keys: pa.Table, cache: str, location: str) -> int:
     return written
 
 
-def run_encode(cfg: EncodeConfig, use_gpu: bool) -> dict[str, Any]:
+def run_encode(cfg: EncodeConfig, use_gpu: bool, progress: Optional[ProgressFn] = None) -> dict[str, Any]:
     """The encode job: read prepared items/events, encode the texts the cache lacks, write the
-    items and texts embeddings Parquet from the cache."""
+    items and texts embeddings Parquet from the cache. `progress(what, done, total)` hears of the
+    texts encoded."""
 
     started = time.perf_counter()
     precision = resolve_precision(cfg, use_gpu)
@@ -244,7 +261,7 @@ def run_encode(cfg: EncodeConfig, use_gpu: bool) -> dict[str, Any]:
              encoded, precision)
     encode_started = time.perf_counter()
     if encoded:
-        encode_into_cache(texts.new_hashes, texts.new_texts, cache, cfg, use_gpu, precision)
+        encode_into_cache(texts.new_hashes, texts.new_texts, cache, cfg, use_gpu, precision, progress)
     encode_seconds = time.perf_counter() - encode_started
     if encoded:
         log.info("encoded %d texts in %.1f s (%.0f texts/s)", encoded, encode_seconds, encoded / max(encode_seconds, 1e-9))

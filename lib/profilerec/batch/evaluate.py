@@ -11,7 +11,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -19,13 +19,16 @@ import pyarrow.compute as pc
 from profilerec.config import EvaluateConfig
 from profilerec.data import storage
 from profilerec.data.datasets import iter_user_events, read_prepared
-from profilerec.errors import ConfigError
+from profilerec.errors import ConfigError, DataError
 from profilerec.model.priors import ItemPriors, item_priors, log_priors
 from profilerec.model.profile import ProfileParams
 from profilerec.model.ranking import case_ranks, popularity_ranks, ranking_metrics
 from profilerec.model.recommend import Recommender, load_profile_params, load_recommender
 from profilerec.model.replay import Case, hidden_event_ids, iter_cases, later_splits, user_sequences
 from profilerec.runtime.parallel import default_workers, map_chunks, worker_state
+
+if TYPE_CHECKING:  # only the type: evaluating needs no Ray
+    from profilerec.runtime.cluster import ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +65,13 @@ class MethodResult:
     seconds: float
 
 
-def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+def run_evaluate(cfg: EvaluateConfig, progress: Optional[ProgressFn] = None) -> dict[str, Any]:
     """The evaluate job: score every case of `cfg.split`, compare with baselines, write the report.
 
     The log streams through in chunks of whole users (datasets.iter_user_events): once to count
     the item priors, once to replay the cases, chunk by chunk on `cfg.workers` processes, so
-    memory holds a few chunks, not the whole log.
+    memory holds a few chunks, not the whole log. `progress(what, done, total)` hears of the
+    cases scored.
     """
 
     data = read_prepared(cfg.input, events=False)
@@ -75,7 +79,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.max_cases:
         split_cases = split_cases.slice(0, cfg.max_cases)
     if not split_cases.num_rows:
-        raise ValueError(f"split {cfg.split!r} of {cfg.input} has no cases")
+        raise ConfigError(f"setting split: split {cfg.split!r} of {cfg.input} has no cases")
     workers = default_workers(cfg.workers)
     log.info("evaluating %d %s cases of %s on %d process(es)", split_cases.num_rows, cfg.split, cfg.input, workers)
 
@@ -97,16 +101,22 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                 done = end
             if done == len(case_users):
                 return
-        raise ValueError(f"{len(case_users) - done} {cfg.split} cases of {cfg.input} belong to users with no "
+        raise DataError(f"{len(case_users) - done} {cfg.split} cases of {cfg.input} belong to users with no "
                          f"events (or the log is not sorted by user): prepare the data again")
 
     ranks: dict[str, list[np.ndarray]] = {}
     seconds: dict[str, float] = {}
+    scored = 0
+    if progress is not None:
+        progress(f"{cfg.split} cases scored", scored, split_cases.num_rows)
     for result in map_chunks(_chunk_ranks, chunk_cases(), workers, _load_methods,
                              (cfg, params, data.items, data.max_history, model.priors, base_priors)):
         for name, (part, spent) in result.items():
             ranks.setdefault(name, []).append(part)
             seconds[name] = seconds.get(name, 0.0) + spent
+        scored += len(next(iter(result.values()))[0])  # every method scores the same cases
+        if progress is not None:
+            progress(f"{cfg.split} cases scored", scored, split_cases.num_rows)
     results = []
     for name, parts in ranks.items():
         results.append(MethodResult(name, ranking_metrics(np.concatenate(parts), cfg.ks), round(seconds[name], 2)))

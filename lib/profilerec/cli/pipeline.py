@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from profilerec.batch.encode import run_encode
 from profilerec.batch.evaluate import report_markdown, run_evaluate
 from profilerec.batch.profiles import run_profiles
+from profilerec.cli import summaries
+from profilerec.cli.console import current, progress, say, stage, summary
 from profilerec.config import PipelineConfig, ProfilesConfig
 from profilerec.data import storage
 from profilerec.data.datasets import prepare, read_prepared
@@ -38,17 +38,6 @@ from profilerec.service.auth import api_token
 from profilerec.training.finetune import run_finetune
 from profilerec.training.scorer import run_train
 from ray import serve
-
-log = logging.getLogger(__name__)
-
-
-@contextmanager
-def _stage(name: str, timings: dict[str, float]) -> Iterator[None]:
-    log.info("=== %s", name)
-    started = time.perf_counter()
-    yield
-    timings[name] = round(time.perf_counter() - started, 1)
-    log.info("=== %s done in %.1f s", name, timings[name])
 
 
 def stage_configs(cfg: PipelineConfig) -> PipelineConfig:
@@ -76,51 +65,57 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run every stage; returns the evaluation report, the demo output and each stage's seconds."""
 
     cfg = stage_configs(cfg)
-    timings: dict[str, float] = {}
-    with _stage("start Ray", timings):
+    with stage("start Ray"):
         init_ray(cfg.ray)
         use_gpu = cluster_gpus() > 0
-    with _stage("prepare", timings):
-        prepare(cfg.prepare)
-    with _stage("encode (base model)", timings):
-        run_encode(cfg.encode, use_gpu)
+    with stage("prepare"):
+        data = prepare(cfg.prepare)
+        say(f"  {data.events.num_rows:,} events, {data.items.num_rows:,} items, {data.cases.num_rows:,} cases "
+            f"from {cfg.prepare.input}")
+    with stage("encode (base model)"):
+        say("  " + summaries.encoded(run_encode(cfg.encode, use_gpu, progress=progress), cfg.encode.output))
     if cfg.run_finetune:
-        with _stage("fine-tune", timings):
-            run_finetune(cfg.finetune)
-        with _stage("encode (fine-tuned model)", timings):
+        with stage("fine-tune"):
+            say("  " + summaries.finetuned(run_finetune(cfg.finetune, progress=progress), cfg.finetune.output))
+        with stage("encode (fine-tuned model)"):
             encoder_dir = storage.join(cfg.finetune.output, "encoder")
-            run_encode(dataclasses.replace(cfg.encode, model=encoder_dir, output=cfg.evaluate.embeddings), use_gpu)
-    with _stage("train profile scorer", timings):
-        run_train(cfg.train)
-    with _stage("profiles", timings):
-        run_profiles(ProfilesConfig(input=cfg.prepare.output, embeddings=cfg.evaluate.embeddings,
-                                    model=cfg.finetune.output, output=cfg.serve.profiles))
-    with _stage("evaluate", timings):
-        report = run_evaluate(cfg.evaluate)
-    print("\n" + report_markdown(report))
+            tuned = run_encode(dataclasses.replace(cfg.encode, model=encoder_dir, output=cfg.evaluate.embeddings),
+                               use_gpu, progress=progress)
+            say("  " + summaries.encoded(tuned, cfg.evaluate.embeddings))
+    with stage("train profile scorer"):
+        trained = run_train(cfg.train, progress=progress)
+        say(f"  {summaries.trained(trained, cfg.train)}")
+    with stage("profiles"):
+        built = run_profiles(ProfilesConfig(input=cfg.prepare.output, embeddings=cfg.evaluate.embeddings,
+                                            model=cfg.finetune.output, output=cfg.serve.profiles))
+        say(f"  {built['users']:,} users")
+    with stage("evaluate"):
+        report = run_evaluate(cfg.evaluate, progress=progress)
+    say("\n" + report_markdown(report))
     demo: Optional[dict[str, Any]] = None
     if cfg.run_service:
-        with _stage("serve + demo requests", timings):
+        with stage("serve + demo requests"):
             demo = serve_and_demo(cfg)
-    print("\nWall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    timings = dict(current().timings)
     if cfg.run_service and cfg.keep_serving:
+        summary()
         _wait_until_interrupted(cfg)
     return {"report": report, "demo": demo, "timings": timings}
 
 
 def _wait_until_interrupted(cfg: PipelineConfig) -> None:
-    print(f"\nServing on http://{cfg.serve.host}:{cfg.serve.port} until Ctrl-C "
-          f"(OpenAPI spec at /docs and /openapi.json)")
+    """Keep the service up (this process holds the local Ray instance) until Ctrl-C."""
+    say(f"\nServing on http://{cfg.serve.host}:{cfg.serve.port} until Ctrl-C "
+        f"(OpenAPI spec at /docs and /openapi.json)")
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("stopping")
+        say("stopping")
 
 
 def serve_and_demo(cfg: PipelineConfig) -> dict[str, Any]:
     """Start the service on this Ray instance, then show one user's recommendations moving."""
-
 
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(cfg.serve), name="profilerec", route_prefix="/")
@@ -141,20 +136,21 @@ def serve_and_demo(cfg: PipelineConfig) -> dict[str, Any]:
     after = _http("GET", f"{base}/v1/users/{user}/recommendations?k=5")
     profile = _http("GET", f"{base}/v1/users/{user}/profile")
     titles = {i: t for i, t in zip(data.items.column("item_id").to_pylist(), data.items.column("title").to_pylist())}
-    print(f"\nService at {base} (API token in {cfg.serve.state_dir}/api_token)")
-    print(f"\nRecommendations for a new user ({user}), before any event (popular items):")
+    say(f"  service at {base} (API token in {cfg.serve.state_dir}/api_token)")
+    say(f"\nRecommendations for a new user ({user}), before any event (popular items):")
     _print_items(before["items"])
-    print(f"\nEvents posted ({posted['accepted']} accepted):")
+    say(f"\nEvents posted ({posted['accepted']} accepted):")
     for e in events:
-        print(f"  purchase  {e['item_id']:>8}  {(titles.get(e['item_id']) or '')[:70]}")
-    print("\nRecommendations after those events:")
+        say(f"  purchase  {e['item_id']:>8}  {(titles.get(e['item_id']) or '')[:70]}")
+    say("\nRecommendations after those events:")
     _print_items(after["items"])
     return {"before": before, "posted": posted, "after": after, "profile": profile}
 
 
 def _print_items(items: list[dict[str, Any]]) -> None:
+    """One line per recommended item: rank, id, score, the start of its title."""
     for rank, item in enumerate(items, 1):
-        print(f"  {rank}. {item['item_id']:>8}  {item['score']:.3f}  {(item.get('title') or '')[:70]}")
+        say(f"  {rank}. {item['item_id']:>8}  {item['score']:.3f}  {(item.get('title') or '')[:70]}")
 
 
 def _http(method: str, url: str, body: Optional[dict] = None, token: Optional[str] = None,

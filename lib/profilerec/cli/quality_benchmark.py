@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 from profilerec.batch.encode import run_encode
 from profilerec.batch.evaluate import report_chart, split_recommender
+from profilerec.cli.console import progress, stage
 from profilerec.config import BenchmarkConfig, ScorerConfig
 from profilerec.data import storage
 from profilerec.data.datasets import prepare, read_prepared
@@ -72,12 +73,15 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     started = time.perf_counter()
     work = storage.absolute(cfg.work_dir)
     prepared, base = storage.join(work, "prepared"), storage.join(work, "embeddings", "base")
-    init_ray(cfg.ray)
-    use_gpu = cluster_gpus() > 0
+    with stage("start Ray"):
+        init_ray(cfg.ray)
+        use_gpu = cluster_gpus() > 0
     if not storage.exists(storage.join(prepared, "manifest.json")):
-        prepare(dataclasses.replace(cfg.prepare, output=prepared))
+        with stage("prepare"):
+            prepare(dataclasses.replace(cfg.prepare, output=prepared))
     if not storage.exists(storage.join(base, "manifest.json")):
-        run_encode(dataclasses.replace(cfg.encode, input=prepared, output=base, ray=cfg.ray), use_gpu)
+        with stage("encode"):
+            run_encode(dataclasses.replace(cfg.encode, input=prepared, output=base, ray=cfg.ray), use_gpu, progress)
     data = read_prepared(prepared)
     sequences = user_sequences(data.events)
     cases = {split: list(iter_cases(sequences, data.cases, [split], data.max_history)) for split in ("valid", "test")}
@@ -92,16 +96,19 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         rows.append(row)
         log.info("%s: valid %s, test %s", name, row["valid"], row["test"])
 
-    measure("popularity", base)
-    measure("zero-shot profile", base)
+    with stage("baselines"):
+        measure("popularity", base)
+        measure("zero-shot profile", base)
     embeddings = base
     if cfg.finetune_encoder:
         model = storage.join(work, "finetuned")
-        run_finetune(dataclasses.replace(cfg.finetune, input=prepared, output=model, ray=cfg.ray))
         embeddings = storage.join(work, "embeddings", "finetuned")
-        run_encode(dataclasses.replace(cfg.encode, input=prepared, output=embeddings, model=storage.join(model, "encoder"),
-                                       ray=cfg.ray), use_gpu)
-        measure("+ fine-tuned encoder", embeddings)
+        with stage("fine-tune"):
+            run_finetune(dataclasses.replace(cfg.finetune, input=prepared, output=model, ray=cfg.ray), progress)
+        with stage("encode (fine-tuned)"):
+            run_encode(dataclasses.replace(cfg.encode, input=prepared, output=embeddings,
+                                           model=storage.join(model, "encoder"), ray=cfg.ray), use_gpu, progress)
+            measure("+ fine-tuned encoder", embeddings)
     scorer = dataclasses.asdict(cfg.train.scorer)
     variants = ABLATION if cfg.ablation else [("profilerec (default)", "default", {})]
     for name, folder, change in variants:
@@ -109,11 +116,12 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         output = storage.join(work, "models", folder)
         train = dataclasses.replace(cfg.train, input=prepared, embeddings=embeddings, output=output, ray=cfg.ray,
                                     scorer=ScorerConfig(**scorer))
-        manifest = run_train(train)
-        evaluate = split_recommender(data, sequences, embeddings, "test", output)
-        rows.append({"name": name, "valid": manifest["validation"],
-                     "test": ranking_metrics(case_ranks(evaluate, cases["test"]), cfg.ks),
-                     "train_seconds": manifest["seconds"], "best_epoch": manifest["best_epoch"]})
+        with stage(f"train + evaluate: {name}"):
+            manifest = run_train(train, progress)
+            evaluate = split_recommender(data, sequences, embeddings, "test", output)
+            rows.append({"name": name, "valid": manifest["validation"],
+                         "test": ranking_metrics(case_ranks(evaluate, cases["test"]), cfg.ks),
+                         "train_seconds": manifest["seconds"], "best_epoch": manifest["best_epoch"]})
         log.info("%s: valid %s, test %s", name, rows[-1]["valid"], rows[-1]["test"])
 
     report = {"input": cfg.prepare.input, "items": data.items.num_rows,

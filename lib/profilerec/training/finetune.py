@@ -37,6 +37,7 @@ from profilerec.model.ranking import case_ranks, ranking_metrics
 from profilerec.model.recommend import Recommender
 from profilerec.model.replay import Case, iter_cases, user_sequences
 from profilerec.model.scorer import contrastive_loss
+from profilerec.runtime.cluster import ProgressFn
 from profilerec.training.harness import (
     TRAIN_STATE,
     StepTimer,
@@ -44,6 +45,7 @@ from profilerec.training.harness import (
     fit_on_ray_train,
     prefetch,
     read_metrics,
+    report_progress,
     worker_threads,
 )
 
@@ -115,9 +117,12 @@ def finetune_loop(config: dict[str, Any]) -> None:
         # epoch 0 is the untuned encoder: if no epoch beats it, the best checkpoint is the original
         finish_epoch(0, [], {}, time.perf_counter())
         stale = 0
+    total_steps = steps_per_epoch * cfg.epochs
+    report_progress(config, "fine-tune steps", start_epoch * steps_per_epoch, total_steps)
     for epoch in range(start_epoch, cfg.epochs):
         if stale >= cfg.patience:
             log.info("early stop: %s has not improved for %d epochs", METRIC, stale)
+            report_progress(config, "fine-tune steps", epoch * steps_per_epoch, epoch * steps_per_epoch)
             break
         started = time.perf_counter()
         encoder.model.train()
@@ -136,6 +141,7 @@ def finetune_loop(config: dict[str, Any]) -> None:
             scheduler.step()
             losses.append(loss.detach())  # no float() here: that would wait for the GPU every step
             timer.step(len(inputs.cases))
+            report_progress(config, "fine-tune steps", epoch * steps_per_epoch + len(losses), total_steps)
         # the thread counts, precision and malloc settings go into the history so a benchmark can
         # run its reference loop alike
         finish_epoch(epoch + 1, losses, {**timer.summary(world), "torch_threads": threads,
@@ -276,10 +282,11 @@ def _restore(folder: str, encoder: TextEncoder, optimizer, scheduler) -> tuple[i
 # Driver side
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+def run_finetune(cfg: FinetuneConfig, progress: Optional[ProgressFn] = None) -> dict[str, Any]:
     """The finetune job: train on Ray Train, then write the best epoch's model to `cfg.output`.
 
     Returns the manifest written next to the model (best validation metrics, epochs, seconds).
+    `progress(what, done, total)` hears of every training step.
     """
 
     # the workers run in another directory: hand them absolute locations
@@ -289,7 +296,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     # more epochs continue a run
     run = fit_on_ray_train(finetune_loop, cfg, ("epochs", "patience", "output"),
                            ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
-                                                      checkpoint_score_order="max"))
+                                                      checkpoint_score_order="max"), progress)
     result, name = run.result, run.name
     best = result.get_best_checkpoint(METRIC, "max") if result.best_checkpoints else result.checkpoint
     with result.checkpoint.as_directory() as folder:

@@ -4,6 +4,7 @@ bf16 autocast, step timing, prefetching the next batches, reading back a checkpo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,7 +21,13 @@ from profilerec.config import to_dict
 from profilerec.data import storage
 from profilerec.errors import DataError
 from profilerec.model.encoder import cpu_multiplies_bf16
-from profilerec.runtime.cluster import cluster_gpus, init_ray, model_worker_runtime_env, train_worker_resources
+from profilerec.runtime.cluster import (
+    ProgressFn,
+    cluster_gpus,
+    init_ray,
+    model_worker_runtime_env,
+    train_worker_resources,
+)
 from profilerec.runtime.parallel import cores_per_worker
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -28,6 +35,7 @@ T = TypeVar("T")
 
 
 TRAIN_STATE = "train_state.pt"
+PROGRESS_KEY = "progress"  # the progress queue's key in the worker loop's config
 
 
 def worker_threads(threads: Optional[int] = None) -> int:
@@ -133,30 +141,76 @@ class RayTrainRun:
     use_gpu: bool
 
 
-def fit_on_ray_train(loop: Any, cfg: Any, ignored: Sequence[str], checkpoints: Any) -> RayTrainRun:
+def fit_on_ray_train(loop: Any, cfg: Any, ignored: Sequence[str], checkpoints: Any,
+                     progress: Optional[ProgressFn] = None) -> RayTrainRun:
     """Run the worker function `loop` on a TorchTrainer for a job config with num_workers, use_gpu,
     storage_path, run_name and ray fields (gloo on CPU, NCCL on GPU). The run is named by a
-    fingerprint of the settings except those and `ignored`, so the same settings resume it."""
-
+    fingerprint of the settings except those and `ignored`, so the same settings resume it.
+    What the loop passes to report_progress reaches `progress(what, done, total)` in this process."""
 
     init_ray(cfg.ray)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster_gpus() > 0
     storage_path = storage.absolute(cfg.storage_path) or default_storage(cfg.output)
     ignored = ("ray", "storage_path", "run_name", "num_workers", "use_gpu", "threads_per_worker", *ignored)
     name = f"{cfg.run_name}-{fingerprint(cfg, ignored)}"
+    with relayed_progress(progress) as queue:
+        result = _fit(loop, cfg, name, storage_path, use_gpu, checkpoints, queue)
+    if result.checkpoint is None:
+        raise DataError(f"training run {name} produced no checkpoint")
+    return RayTrainRun(result, name, storage_path, use_gpu)
+
+
+def _fit(loop: Any, cfg: Any, name: str, storage_path: str, use_gpu: bool, checkpoints: Any, queue: Any) -> Any:
+    """The TorchTrainer run itself; `queue` (or None) goes to the workers for report_progress."""
     trainer = TorchTrainer(
         loop,
-        train_loop_config={"cfg": to_dict(cfg)},
+        train_loop_config={"cfg": to_dict(cfg), PROGRESS_KEY: queue},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=train_worker_resources(use_gpu)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(name=name, storage_path=storage_path, checkpoint_config=checkpoints,
                                        worker_runtime_env=model_worker_runtime_env()),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise DataError(f"training run {name} produced no checkpoint")
-    return RayTrainRun(result, name, storage_path, use_gpu)
+    return trainer.fit()
+
+
+@contextlib.contextmanager
+def relayed_progress(progress: Optional[ProgressFn]) -> Iterator[Any]:
+    """A queue (a small Ray actor) the workers put (what, done, total) on, and a thread of this
+    process handing each to `progress`: the workers' output does not reach this terminal, so
+    progress travels as data. Yields None, and starts nothing, without `progress`."""
+    if progress is None:
+        yield None
+        return
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    stop = threading.Event()
+
+    def relay() -> None:
+        while True:
+            try:
+                progress(*queue.get(timeout=0.5))
+            except Empty:
+                if stop.is_set():  # drained after the run ended
+                    return
+
+    thread = threading.Thread(target=relay, name="progress-relay", daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        queue.shutdown()
+
+
+def report_progress(config: dict[str, Any], what: str, done: int, total: int) -> None:
+    """From a worker loop: move the driver's bar `what` to `done` of `total` (rank 0 reports;
+    a no-op when the driver asked for no progress)."""
+    queue = config.get(PROGRESS_KEY)
+    if queue is not None and ray.train.get_context().get_world_rank() == 0:
+        queue.put((what, done, total))
 
 
 def read_metrics(folder: str) -> dict[str, Any]:

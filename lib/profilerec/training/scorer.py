@@ -39,7 +39,8 @@ from profilerec.model.replay import (
     user_sequences,
 )
 from profilerec.model.scorer import ProfileScorer, ScorerBatch, full_softmax_loss, save_scorer, scorer_batch
-from profilerec.training.harness import TRAIN_STATE, fit_on_ray_train, read_metrics, worker_threads
+from profilerec.runtime.cluster import ProgressFn
+from profilerec.training.harness import TRAIN_STATE, fit_on_ray_train, read_metrics, report_progress, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +194,13 @@ def train_loop(config: dict[str, Any]) -> None:
             if world > 1 else model
         mine = torch.arange(len(train_data))[rank::world]
         shard = CaseTensors(*train_data.take(mine))
+        bar = f"epochs, chosen on {cfg.eval_split}" if phase == "select" else f"refit epochs on {'+'.join(splits)}"
+        report_progress(config, bar, first, epochs)
         for epoch in range(first, epochs):
             if phase == "select" and progress["stale"] >= cfg.patience:
                 log.info("early stop after epoch %d: NDCG@10 on %s has not improved for %d epochs",
                          epoch, cfg.eval_split, progress["stale"])
+                report_progress(config, bar, epoch, epoch)
                 break
             started = time.perf_counter()
             generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -219,6 +223,7 @@ def train_loop(config: dict[str, Any]) -> None:
             progress.update(phase=number, epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict())
             log.info("%s", report)
             _report(progress, report, rank, None)
+            report_progress(config, bar, epoch + 1, epochs)
         if phase == "select":
             progress.update(phase=number + 1, epoch=0, model=None, optimizer=None)
     final = ProfileScorer(index.vectors, setup.priors(phases(cfg)[-1][2], cfg.scorer.transition_span),
@@ -245,16 +250,17 @@ def _report(progress: dict, report: dict, rank: int, final) -> None:
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def run_train(cfg: TrainConfig) -> dict[str, Any]:
+def run_train(cfg: TrainConfig, progress: Optional[ProgressFn] = None) -> dict[str, Any]:
     """The train job: fit the scorer on Ray Train and write it to `<output>/scorer`.
 
     Returns the manifest written beside it (validation metrics of the chosen epoch, history).
+    `progress(what, done, total)` hears of every epoch (one bar per phase).
     """
 
     cfg = dataclasses.replace(cfg, input=storage.absolute(cfg.input), output=storage.absolute(cfg.output),
                               embeddings=storage.absolute(cfg.embeddings))
     started = time.perf_counter()
-    run = fit_on_ray_train(train_loop, cfg, ("output",), ray.train.CheckpointConfig(num_to_keep=2))
+    run = fit_on_ray_train(train_loop, cfg, ("output",), ray.train.CheckpointConfig(num_to_keep=2), progress)
     result, name = run.result, run.name
     with result.checkpoint.as_directory() as folder:
         metrics = read_metrics(folder)

@@ -1,0 +1,32 @@
+"""The lines a job's results read as on the terminal, shared by the jobs and the workflows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from profilerec.config import TrainConfig
+
+HEADLINE_METRICS = ("HR@10", "NDCG@10")
+
+
+def trained(manifest: dict[str, Any], cfg: TrainConfig) -> str:
+    """The chosen epoch and its headline validation metrics (the manifest has them all), the
+    refit, where the scorer is."""
+    valid = ", ".join(f"{k} {v:.4f}" for k, v in manifest["validation"].items() if k in HEADLINE_METRICS)
+    refit = f"; refit on {'+'.join(cfg.train_splits + [cfg.eval_split])}" if cfg.refit else ""
+    return f"best epoch {manifest['best_epoch']} on {cfg.eval_split} ({valid}){refit}; scorer in {cfg.output}/scorer"
+
+
+def encoded(manifest: dict[str, Any], output: str) -> str:
+    """How many vectors were written where, and how many texts had to be encoded."""
+    counts = manifest["counts"]
+    events = f" + {counts['texts']:,} event text" if counts.get("texts") else ""
+    cached = manifest["distinct_texts"] - manifest["encoded"]
+    return (f"{counts['items']:,} item{events} vectors ({manifest['precision']}) in {output}: "
+            f"{manifest['encoded']:,} texts encoded, {cached:,} from the cache")
+
+
+def finetuned(manifest: dict[str, Any], output: str) -> str:
+    """The best epoch and its validation metrics, where the encoder is."""
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in manifest["metrics"].items() if k.startswith("val_"))
+    return f"best epoch {manifest['best_epoch']} ({metrics}); encoder in {output}/encoder"
