@@ -44,6 +44,20 @@ def write_tiny_amazon(folder: Path, n_users: int = TINY_USERS) -> Path:
     return folder
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: every collected test is checked
+def pytest_collection_modifyitems(items):
+    """Keep `-m "not ray"` and `-m "not slow"` honest: a test on the session's Ray instance must be
+    marked `ray`, and one on the tiny_work folder (built by Ray jobs at session start) `slow` too."""
+    unmarked = []
+    for item in items:
+        missing = [mark for fixture, mark in (("ray_session", "ray"), ("tiny_work", "slow"))
+                   if fixture in item.fixturenames and item.get_closest_marker(mark) is None]
+        if missing:
+            unmarked.append(f"{item.nodeid}: mark it {' and '.join(missing)}")
+    if unmarked:
+        raise pytest.UsageError("tests whose fixtures start Ray lack markers:\n" + "\n".join(unmarked))
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 2 MiB tmpfs: a disk that really fills up (needs the right to mount, as root in CI)."""

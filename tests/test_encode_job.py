@@ -14,6 +14,8 @@ from profilerec.errors import ConfigError
 from profilerec.model.encoder import TextEncoder, text_hash
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_item_vectors_equal_the_encoders_direct_output(tiny_work):
     data = read_prepared(str(tiny_work / "prepared"))
     table = read_embeddings(str(tiny_work / "embeddings"), "items")
@@ -25,6 +27,10 @@ def test_item_vectors_equal_the_encoders_direct_output(tiny_work):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
+# slow: each encode job below starts encoder actors that load the model; with the session's Ray
+# start they take more than a minute together on a 2-core machine
+@pytest.mark.ray
+@pytest.mark.slow
 def test_each_distinct_event_text_is_encoded_once(tmp_path, ray_session):
     items = clean_items(pd.DataFrame({"item_id": ["1", "2"], "title": ["red drill", "blue saw"]}), InvalidRows())
     texts = ["cordless drill", "cordless drill", "saw blade", None]
@@ -37,6 +43,7 @@ def test_each_distinct_event_text_is_encoded_once(tmp_path, ray_session):
     manifest = run_encode(EncodeConfig(input=str(tmp_path / "prepared"), output=str(tmp_path / "emb"),
                                        num_actors=2, num_cpus_per_actor=0.5, precision="fp32"), use_gpu=False)
     assert manifest["counts"] == {"items": 2, "texts": 2}
+    assert manifest["encoded"] == 4  # 2 item texts + 2 event texts: the repeated one went through the model once
     table = read_embeddings(str(tmp_path / "emb"), "texts")
     got = dict(zip(table.column("text_hash").to_pylist(), vectors_from_arrow(table.column("vector"))))
     assert set(got) == {text_hash("cordless drill"), text_hash("saw blade")}
@@ -57,6 +64,8 @@ def write_search_log(folder, texts):
     write_prepared(PreparedData(events, items, cases, None), str(folder))
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_rerun_on_a_grown_log_encodes_only_the_new_texts(tmp_path, ray_session):
     cfg = EncodeConfig(input=str(tmp_path / "prepared"), output=str(tmp_path / "emb"), num_actors=1,
                        num_cpus_per_actor=0.5, precision="fp32")
@@ -80,6 +89,8 @@ def test_a_rerun_on_a_grown_log_encodes_only_the_new_texts(tmp_path, ray_session
         np.testing.assert_allclose(got[text_hash(text)], vector, atol=2e-5)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_bf16_vectors_stay_within_cosine_0_999_of_fp32_in_a_cache_of_their_own(tmp_path, ray_session):
     texts = ["cordless drill", "saw blade with 40 carbide teeth for hardwood and plywood", "wood glue"]
     write_search_log(tmp_path / "prepared", texts)

@@ -21,6 +21,8 @@ def training_loss(model: str, cases, texts) -> float:
         return float(case_loss(encoder, cases, texts, ProfileParams(), temperature=0.05))
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_one_epoch_lowers_the_loss_and_a_longer_run_resumes(tiny_work, tmp_path, ray_session):
     data = read_prepared(str(tiny_work / "prepared"))
     cases = list(iter_cases(user_sequences(data.events), data.cases, ["train"], data.max_history))

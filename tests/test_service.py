@@ -15,6 +15,9 @@ from profilerec.model.profile import states_from_table
 from profilerec.service.shard import DEDUP_WINDOW, shard_of
 from profilerec.service.shard_actors import NAMESPACE, load_serving_recommender, shard_actor_name
 
+# the service runs on Ray Serve over the tiny_work folder
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 TOKEN = "test-token-123"
 APP = "svc"
 

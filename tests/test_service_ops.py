@@ -23,6 +23,9 @@ from profilerec.service.shard_actors import (
 )
 from profilerec.service.shard_store import ShardStore
 
+# the service runs on Ray Serve over the tiny_work folder
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 TOKEN = "ops-token-456"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 APP = "ops"

@@ -178,8 +178,24 @@ def test_cold_user_gets_popularity_and_recommendations_follow_events(tmp_path):
     assert described["recommended_because"][0]["closest_recent_item"]["item_id"] == "i4"
 
 
-def test_shard_of_is_stable_and_spreads_users():
-    assert shard_of("alice", 8) == shard_of("alice", 8)
+# Pinned values, not computed ones: a user's shard decides where their durable state lives, so a
+# change of shard_of (another hash, byte order, encoding or normalisation) moves every stored user
+# to a shard that does not hold them. Such a change needs a repartition of every deployment, not
+# new numbers here.
+@pytest.mark.parametrize("user, num_shards, shard", [
+    ("alice", 8, 1),
+    ("bob", 8, 2),
+    ("user-42", 4, 2),
+    ("team/caf\u00e9", 3, 2),  # the NFC form: the one the service passes (test_ids.py)
+    ("caf\u00e9", 16, 3),
+    ("\u7528\u6237-7", 2, 1),
+    ("alice", 1_000_003, 429_965),  # a large count pins more of the hash than the low bits
+])
+def test_shard_of_gives_the_same_shard_in_every_process_and_release(user, num_shards, shard):
+    assert shard_of(user, num_shards) == shard
+
+
+def test_shard_of_spreads_users_evenly():
     counts = np.bincount([shard_of(f"user-{n}", 4) for n in range(4000)], minlength=4)
     assert counts.min() > 800
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 from profilerec.data.storage import write_table
 from profilerec.data.vectors import vectors_to_arrow
 from profilerec.model.encoder import text_hash
-from profilerec.model.text_vectors import load_text_vectors, text_vectors_from_table
+from profilerec.model.text_vectors import load_text_vectors
 
 DIM = 8
 
@@ -35,8 +35,6 @@ def test_every_text_of_the_folder_is_found_with_its_vector_and_others_are_not(tm
         np.testing.assert_array_equal(store.get(text_hash(texts[n])), vectors[n])
     assert store.get(text_hash("never encoded")) is None
     assert text_hash(texts[7]) in store and text_hash("never encoded") not in store
-    small = text_vectors_from_table(table)  # the in-memory form answers the same
-    np.testing.assert_array_equal(small.get(text_hash(texts[42])), vectors[42])
 
 
 def test_learned_texts_are_added_on_top(tmp_path):

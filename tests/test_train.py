@@ -13,6 +13,9 @@ from profilerec.model.recommend import load_recommender
 from profilerec.model.replay import case_states, iter_cases, user_sequences
 from profilerec.training.scorer import run_train
 
+# every test runs Ray jobs: on the tiny_work folder, or a benchmark run of its own
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 
 def _manifest(work):
     return json.loads((work / "model" / "scorer" / "manifest.json").read_text())

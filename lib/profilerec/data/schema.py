@@ -22,7 +22,6 @@ from profilerec.errors import ValidationError
 # Behaviour types the profile understands. "rating" carries a value; "search" and "tag" carry text
 # (with or without an item); "review" is a purchase with the user's own words.
 EVENT_TYPES = ("view", "click", "cart", "purchase", "review", "rating", "search", "tag")
-TEXT_EVENT_TYPES = ("search", "tag", "review")
 SPLITS = ("train", "valid", "test")
 
 EVENTS_SCHEMA = pa.schema(

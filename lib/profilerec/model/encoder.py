@@ -87,8 +87,8 @@ def pick_device(device: Optional[str] = None) -> torch.device:
 
 def cpu_multiplies_bf16() -> bool:
     """Whether this machine's CPU multiplies bf16 matrices in hardware (Intel AMX: Sapphire Rapids
-    and later). There the encoder runs about 3x faster in bf16 than in fp32, every vector at cosine
-    >= 0.9998 to fp32; other CPUs emulate bf16, slower than fp32 (docs/encoding.md)."""
+    and later). There the encoder runs several times faster in bf16 than in fp32, with vectors close
+    to fp32's; other CPUs emulate bf16, slower than fp32 (docs/encoding.md has the figures)."""
     has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch: looked up, not assumed
     return bool(has_amx is not None and has_amx())
 
@@ -151,9 +151,9 @@ class TextEncoder:
     def __init__(self, model: str = DEFAULT_MODEL, device: Optional[str] = None, max_length: int = 128,
                  batch_size: int = 64, precision: str = "fp32", token_budget: Optional[int] = None):
         """`precision`: fp32; bf16 (weights and activations; pooling in fp32); or int8 (CPU only:
-        dynamic quantisation of the Linear layers with per-channel weights, about 1.2-1.5x faster
-        on a 2-core AVX2 CPU, but MiniLM's activation outliers put some vectors below cosine 0.99
-        to fp32). `token_budget`: padded tokens per model call in encode_ids() (default
+        dynamic quantisation of the Linear layers with per-channel weights: faster on AVX2 CPUs,
+        but MiniLM's activation outliers put some vectors below cosine 0.99 to fp32; see
+        docs/encoding.md). `token_budget`: padded tokens per model call in encode_ids() (default
         batch_size x 32)."""
         from transformers import AutoModel
 

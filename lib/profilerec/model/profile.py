@@ -58,7 +58,7 @@ class ProfileParams:
     short_mix: float = 0.7
     max_counters: int = 12
     # precision the interest sums are kept at between events (numpy paths): float16 halves the
-    # memory per user and moves scores by ~1e-3; every path rounds the same way, so batch and live
+    # memory per user and moves scores only slightly; every path rounds the same way, so batch and live
     # profiles stay equal. Arithmetic is always float32.
     vector_dtype: str = "float16"
 
@@ -225,11 +225,6 @@ def window_features(states: Sequence[ProfileState], row_of: Callable[[str], int]
     positions = np.broadcast_to(np.arange(width - 1, -1, -1), (n, width)).copy()
     return {"items": items, "types": types, "weights": weights, "gaps": gaps, "positions": positions,
             "mask": items >= 0}
-
-
-def seen_items(state: ProfileState) -> set[str]:
-    """Items in the recent window (what `exclude_seen` removes)."""
-    return {ev.item_id for ev in state.recent}
 
 
 def top_counters(state: ProfileState, n: int = 5) -> list[tuple[str, float]]:

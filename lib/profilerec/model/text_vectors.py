@@ -1,10 +1,11 @@
 """Event-text vectors by text hash, held at a few bytes per text in each process that uses them.
 
 Event texts (search queries, review texts) grow without bound: the encode job may leave millions
-of vectors, 1.5 KB each, and every profile shard needs all of them, because any user may send any
-text. As a dict of arrays each shard held about 4 KB per text (bench/text_memory.py). Here the
-vectors of an embeddings folder are copied once per node into a local `.f32` file (hashes beside
-it in a `.npy`) and memory-mapped read-only: the pages live in the page cache, shared by every
+of vectors, and every profile shard needs all of them, because any user may send any text. Held as
+a dict of arrays, every shard paid for each vector again, and for Python objects around it
+(bench/text_memory.py measures both ways; its figures are in docs/benchmarks.md). Here the vectors
+of an embeddings folder are copied once per node into a local `.f32` file (hashes beside it in a
+`.npy`) and memory-mapped read-only: the pages live in the page cache, shared by every
 shard on the node and dropped under memory pressure, and a process keeps only the sorted 12-byte
 hashes and their row numbers (20 bytes per text). Texts learned while serving are few and stay in
 a dict on top.
@@ -21,7 +22,6 @@ import os
 from typing import Iterable, Optional
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
 from profilerec.data import storage
 from profilerec.data.vectors import vectors_from_arrow
@@ -38,10 +38,10 @@ class TextVectors:
         raw = np.frombuffer(keys.tobytes(), dtype=np.uint8).reshape(len(keys), KEY_BYTES)
         high = raw[:, :8].copy().view(">u8").ravel().astype(np.uint64)
         low = raw[:, 8:].copy().view(">u4").ravel().astype(np.uint32)
-        # sorted by (high, low) for a binary search on one uint64 array: a few microseconds a lookup
+        # sorted by (high, low) for a binary search on one uint64 array (lookup time: bench/text_memory.py)
         self._rows = np.lexsort((low, high))
         self._high, self._low = high[self._rows], low[self._rows]
-        self._vectors = np.asarray(vectors)  # a plain view: a row of a np.memmap costs microseconds to slice
+        self._vectors = np.asarray(vectors)  # a plain view: slicing a np.memmap makes a memmap object per row
         self._learned: dict[str, np.ndarray] = {}
 
     def get(self, text_hash: str) -> Optional[np.ndarray]:
@@ -77,12 +77,6 @@ def _raw_keys(hashes: Iterable[str]) -> np.ndarray:
 def empty_text_vectors() -> TextVectors:
     """A store with no texts (learned ones may be added)."""
     return TextVectors(_raw_keys([]), np.zeros((0, 0), np.float32))
-
-
-def text_vectors_from_table(table: pa.Table) -> TextVectors:
-    """A store over an in-memory (text_hash, vector) table (tests, small folders)."""
-
-    return TextVectors(_raw_keys(table.column("text_hash").to_pylist()), vectors_from_arrow(table.column("vector")))
 
 
 def load_text_vectors(location: str, cache_dir: Optional[str] = None) -> TextVectors:

@@ -34,8 +34,8 @@ SOURCES = {
     "generic": "profilerec.data.datasets.generic:load",
 }
 MANIFEST_VERSION = 1
-# events per chunk when a job streams the log (iter_user_events): ~100 MB of Event objects and
-# profiles at a time, large enough that per-chunk overheads vanish
+# events per chunk when a job streams the log (iter_user_events): bounds the Event objects and
+# profiles held at a time, large enough that per-chunk overheads vanish
 EVENT_CHUNK_ROWS = 200_000
 TABLES = {"events": EVENTS_SCHEMA, "items": ITEMS_SCHEMA, "cases": CASES_SCHEMA}
 

@@ -221,11 +221,6 @@ def one_line(invalid: InvalidRows) -> str:
     return f"{invalid.total} skipped (" + "; ".join(f"{n} {r}" for r, n in invalid.reasons.most_common()) + ")"
 
 
-def empty_cases() -> pa.Table:
-    """A cases table with no rows."""
-    return CASES_SCHEMA.empty_table()
-
-
 def cases_table(user_ids: list[str], target_event_ids: list[str], splits: list[str]) -> pa.Table:
     """A CASES_SCHEMA table from three equal-length columns."""
     return pa.table({"user_id": pa.array(user_ids, pa.string()),
