@@ -8,12 +8,13 @@ items with random unit embeddings (written where the encode job writes them), br
 categories, and N users with 10 events each (view/click/cart/purchase, item popularity skewed
 like real logs, half of each user's items near an item of their own taste, minutes to days
 apart), split by the library's leave-last-positive-out protocol. Then the library functions of
-jobs/profiles.py (batch_profiles.run_profiles) and jobs/evaluate.py (evaluation.run_evaluate,
-test split, with the popularity baseline) run on it, each in a fresh child process. Neither job
-uses Ray: each streams the log in chunks of whole users and spreads the chunks over local worker
-processes (--workers; default one per core), so the peak memory reported is the RSS of the job's
-whole process tree (job + workers, summed, sampled every 0.1 s). Growth ratios are printed
-against the smallest N; every result is also appended to <work>/results.jsonl.
+jobs/profiles.py (batch/profiles.py's run_profiles) and jobs/evaluate.py (batch/evaluate.py's
+run_evaluate, test split, with the popularity baseline) run on it, each in a fresh child process.
+Neither job uses Ray: each streams the log in chunks of whole users and spreads the chunks over
+local worker processes (--workers; default one per core), so the peak memory reported is the RSS
+of the job's whole process tree (job + workers, summed, sampled every 0.1 s). Growth ratios are
+printed against the smallest N; every result is also appended to <work>/results.jsonl. Results:
+docs/throughput.md.
 """
 
 from __future__ import annotations

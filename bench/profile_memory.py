@@ -7,7 +7,7 @@ window of recent events, the maximum number of counters and a full window of eve
 (the worst case; real users with few events take less). The states are real: built by
 profile.py from simulated events over a random catalog, then packed into a real ProfileShard
 exactly as the service holds them. Prints the resident memory added per user next to the
-packed size, and the time to unpack, update and repack one user.
+packed size, and the time to unpack, update and repack one user. Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
 An async "ingress" actor sends no-op reads at a fixed rate (open loop) to a "shard" actor, side
 by side in one run: (a) as Ray actor calls, the way writes reach a shard, and (b) over the Unix
 socket of read_channel.py, the way the service reads. Both answer the same trivial dict, so the
-figures are the transport alone. This is why the service reads through the socket.
+figures are the transport alone. They are why an ingress replica never takes the Ray hop to read a
+shard on its own node (docs/serving.md, "The read path"). Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations

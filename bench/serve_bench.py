@@ -19,8 +19,8 @@ and each latency is measured from its scheduled send time, so queueing is counte
   4. mixed: recommendations at --rate/2 and event batches at --event_rate/2, at once
 
 Phases 1 and 2 (and 2b) alternate in --rounds slices of --seconds/--rounds each, and each pools its
-slices: the VM's speed drifts over a run (a phase of one run was 3x slower than the same phase
-a few minutes later), and alternating puts both sides under the same drift.
+slices: a VM's speed can drift over a run by more than the gap being measured (docs/benchmarks.md),
+and alternating puts both sides under the same drift.
 
 Prints p50/p95/p99 latency, achieved throughput and errors per phase, then the ratios of
 phases 2 (and 2b) to phase 1 (pooled, and the p50 ratio of each round), and the CPU each kind
@@ -28,8 +28,11 @@ of Ray process spent per request in each of them (from /proc, Linux only): on a 
 latency follows the CPU a request costs; then how many recommendation reads the ingress scored
 itself from a shard's board (profile_board.py) and how many went to the shard; and what the rest
 of the machine did meanwhile (CPU stolen by the hypervisor, the load generator, other processes),
-as a side measured while these were high ran on a slower machine. The load generator runs on
-the same machine and takes CPU from the server.
+so that a run disturbed from outside shows as such. The load generator runs on the same machine
+and takes CPU from the server.
+
+Goals it checks (printed beside the ratios): recommendations at p50 at most 1.5x and p99 at most 3x
+the floor's; at least 1000 events/s accepted with durability on. Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations

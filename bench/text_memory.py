@@ -11,7 +11,7 @@ temporary folder, then loads them in two fresh processes, side by side:
 For each it prints the anonymous memory added (private to the process: what N shards on a node
 pay N times) and the file-backed memory (the page cache, shared by the node's processes), per
 text, and the time of one lookup. The first load of ours also writes the node copy; its time is
-printed apart from a second load.
+printed apart from a second load. Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations

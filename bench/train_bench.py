@@ -4,12 +4,12 @@
                                                     [--bf16 auto|on|off]
 
 Encoder fine-tuning (`jobs/finetune.py`, run_finetune on a TorchTrainer) against a plain PyTorch
-loop (same model, same cases in the same batches, the library's own loss training.case_loss):
-Ray is started first and stays up, then for each of `--rounds` rounds the plain loop runs in a
-fresh process (at the niceness Ray gives its workers, with the torch threads of a one-worker job),
-once with glibc's default malloc and once with the malloc settings the job gives its Ray Train
-workers (cluster.MODEL_WORKER_MALLOC), and then the job with one worker. Each round prints its
-own ratios, so the spread between rounds shows: to the plain loop as anyone would run it (what
+loop (same model, same cases in the same batches, the library's own loss, training/finetune.py's
+case_loss): Ray is started first and stays up, then for each of `--rounds` rounds the plain loop
+runs in a fresh process (at the niceness Ray gives its workers, with the torch threads of a
+one-worker job), once with glibc's default malloc and once with the malloc settings the job gives
+its Ray Train workers (runtime/cluster.py's MODEL_WORKER_MALLOC), and then the job with one
+worker. Each round prints its own ratios, so the spread between rounds shows: to the plain loop as anyone would run it (what
 the job gives), and to the plain loop with the job's malloc settings (what Ray Train itself
 costs). Then the job with each other worker count, on the same number of samples (n workers step
 1/n as often). Only steady-state steps count: the job times its own steps (StepTimer; Ray start,
@@ -18,8 +18,11 @@ which this script reads from the manifest; the plain loop leaves out its first s
 Both sides train on the same device at the same precision: bf16 autocast where the job turns it
 on (FinetuneConfig.bf16: by default on CUDA GPUs and on CPUs with AMX; --bf16 on/off forces it).
 
-The profile scorer (`jobs/train.py`, run_train) is compared with scorer_training.train_epoch in
-this process (epochs after the first), then run through Ray Train with one worker and with two.
+The profile scorer (`jobs/train.py`, run_train) is compared with training/scorer.py's train_epoch
+in this process (epochs after the first), then run through Ray Train with one worker and with two.
+
+Goal: fine-tuning with one worker at 0.9x the plain loop's samples/s or better. Results:
+docs/throughput.md.
 
 Data: encoder fine-tuning on the Amazon Industrial sample bundled with the package; the scorer on
 ../shared/data/amazon-industrial when present (else the sample) over random unit item vectors

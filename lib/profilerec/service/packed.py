@@ -1,8 +1,9 @@
 """A profile state packed into one bytes object: how a shard holds a million users in memory.
 
-A ProfileState with its numpy arrays, window objects and counter dict costs ~10 KB of Python
-objects; packed it is ~2.5 KB with the default settings (two float16 vectors of 384 dims, a
-window of 20 events, 12 counters, the hashes of the user's last 128 event ids). Packing is
+A ProfileState with its numpy arrays, window objects and counter dict is several times larger as
+Python objects than packed (with the default settings: two float16 vectors of 384 dims, a window
+of 20 events, 12 counters, the hashes of the user's last 128 event ids; bench/profile_memory.py
+measures both, docs/benchmarks.md has the figures). Packing is
 lossless: unpack(pack(state)) gives back the same numbers, so packing never changes a profile.
 
 Layout (little-endian):

@@ -2,8 +2,8 @@
 recommendation reads themselves, with no call to the shard.
 
 A read through the shard's socket (read_channel.py) wakes one more process per request, and on a
-busy 2-core machine each wake-up waits for a core: bench/serve_bench.py measured the service's
-latency gap to the no-op floor at several times the CPU the read costs. So each shard actor also
+busy small machine each wake-up waits for a core, which costs more latency than the read's own
+CPU (bench/serve_bench.py --compare_socket measures both paths). So each shard actor also
 writes the packed state (packed.py) of every user it writes or reads into a board: a file in the
 node's private folder that the ingress replicas of the node memory-map read-only. A replica finds
 the user there, unpacks it and scores it with its own copy of the recommender.
@@ -23,7 +23,7 @@ Rules that keep a board read exactly as good as a read from the shard:
   take the lock knows the shard died: its restarted incarnation writes a new board, so the reader
   drops this one. Readers check after copying, so what they return was current.
 - Rows in the packed state are rows of the shard's item index. The header holds a fingerprint of
-  the catalog files the shard applied (catalog.VectorLog.fingerprint); a reader uses a slot only
+  the catalog files the shard applied (learned.VectorLog.fingerprint); a reader uses a slot only
   when its own index has the same fingerprint, before and after the copy.
 
 Layout: a 64-byte header (magic, slot size u32, slots u32, catalog fingerprint u64), then the

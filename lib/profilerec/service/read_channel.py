@@ -1,7 +1,7 @@
 """Reads of a profile shard over a local socket: the service's fast path for recommendations.
 
-A Ray actor call costs milliseconds on a busy small machine (measured by bench/serve_bench.py,
-which prints the no-op hop beside the service), several times what scoring a profile takes.
+A Ray actor call costs more on a busy small machine than scoring a profile takes
+(bench/read_hop_bench.py measures both transports side by side).
 So each shard actor also answers reads on a Unix socket, served on the actor's own event loop
 between its Ray calls; an ingress replica on the same node sends its reads there and its
 writes through Ray. Consistency is the actor's: a read is answered after every write the actor
@@ -17,8 +17,8 @@ which waits for the restart.
 A reader first waits for the answer without yielding its event loop, for up to `quick_wait_s`.
 Under Ray Serve that matters: once a request handler yields, the replica starts watching the
 client for a disconnect, which costs two Ray calls to the HTTP proxy and a cancellation per
-request (about 1-2 ms of latency and of proxy CPU on a 2-core machine). A shard answers a read
-in about a millisecond; when it is busy for longer (a large batch of events, a snapshot), the
+request, in latency and in proxy CPU. A shard answers a read quickly; when it is busy for longer
+(a large batch of events, a snapshot), the
 reader stops blocking after `quick_wait_s` and awaits the rest of the answer on the event loop.
 """
 

@@ -17,7 +17,7 @@ tested directly. Rules:
   tombstone of the user's remembered event ids (keyed hashes of user and event id, no user id)
   for `tombstone_ttl_s`, so a late retry of one of those events does not bring the user back.
 
-Users are held packed (packed.py, ~2.5 KB each with the defaults) and unpacked for each update
+Users are held packed (packed.py: a few KB each, see docs/benchmarks.md) and unpacked for each update
 or read, which keeps a million users in a few GB. With a board (profile_board.py), the packed
 state of each user written or read is also put there, before the write returns, for the ingress
 replicas of the node to score themselves.
