@@ -46,6 +46,7 @@ from profilerec.service.shard_actors import apply_learned, load_serving_recommen
 from profilerec.service.telemetry import IngressMetrics
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.config import BackpressureConfig
 
 log = logging.getLogger("profilerec.serve")
@@ -199,14 +200,27 @@ def _unwrap(error: BaseException) -> BaseException:
 @api.exception_handler(Exception)
 async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
     """Never a stack trace to the client: 503 + Retry-After while shards move or cannot write
-    their state (the message says why; nothing of the request was acknowledged), else a logged 500."""
+    their state (the message says why), or while a shard or the Encoder restarts; else a logged 500.
+    A write answered 503 may have been applied in part: its retry, with the same event ids, is
+    what completes it (see EventsIn)."""
     cause = _unwrap(error)
     if isinstance(cause, (ShardRetired, StorageUnavailable)):
-        return JSONResponse(status_code=503, content={"detail": str(cause)},
-                            headers={"Retry-After": str(RETRY_AFTER_S)})
-    route = request.scope.get("route")  # the path template: user ids stay out of the logs
-    log.error("%s %s failed: %s", request.method, getattr(route, "path", "?"), cause, exc_info=cause)
+        return _retry_later(str(cause))
+    if isinstance(cause, (RayActorError, ActorUnavailableError)):
+        log.warning("%s %s: a shard or encoder actor is restarting: %s", request.method, _route(request),
+                    type(cause).__name__)
+        return _retry_later("a part of the service is restarting; retry the request")
+    log.error("%s %s failed: %s", request.method, _route(request), cause, exc_info=cause)
     return JSONResponse(status_code=500, content={"detail": "internal error; it has been logged"})
+
+
+def _retry_later(detail: str) -> JSONResponse:
+    return JSONResponse(status_code=503, content={"detail": detail}, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _route(request: Request) -> str:
+    """The path template of the request's route: user ids stay out of the logs."""
+    return getattr(request.scope.get("route"), "path", "?")
 
 
 def _now() -> float:
@@ -388,11 +402,17 @@ class Ingress:
                 "replica_reads": dict(self.reads.counts)}
 
 
-def build_app(cfg: ServeConfig, **ingress_options: Any):
-    """The application bound to `cfg`, its local paths made absolute for the replicas and actors
-    (`ingress_options`: deployment options of the ingress, e.g. max_ongoing_requests)."""
+def serving_config(cfg: ServeConfig) -> ServeConfig:
+    """`cfg` with its local paths made absolute, as the replicas and actors get it (they run in
+    other directories)."""
     paths = ("prepared", "embeddings", "model", "profiles", "state_dir", "token_file")
-    config = to_dict(dataclasses.replace(cfg, **{p: storage.absolute(getattr(cfg, p)) for p in paths}))
+    return dataclasses.replace(cfg, **{p: storage.absolute(getattr(cfg, p)) for p in paths})
+
+
+def build_app(cfg: ServeConfig, **ingress_options: Any):
+    """The application bound to `cfg` (see serving_config; `ingress_options`: deployment options of
+    the ingress, e.g. max_ongoing_requests)."""
+    config = to_dict(serving_config(cfg))
     return Ingress.options(**ingress_options).bind(config, Encoder.bind(config))
 
 

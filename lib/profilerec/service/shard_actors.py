@@ -281,9 +281,10 @@ def open_shards(cfg: ServeConfig, app_name: str) -> list[Any]:
     return get_or_create_shards(cfg, app_name)
 
 
-def get_or_create_shards(cfg: ServeConfig, app_name: str) -> list[Any]:
-    """Handles of this application's shard actors, creating the missing ones."""
-
+def get_or_create_shards(cfg: ServeConfig, app_name: str, scheduling_strategy: Any = None) -> list[Any]:
+    """Handles of this application's shard actors, creating the missing ones (placed by
+    `scheduling_strategy` when given, e.g. a soft node affinity: Ray restarts an actor with the
+    same strategy, so a soft one lets a shard move when its node is gone)."""
     actor_cls = ray.remote(ShardActor)
     handles = []
     for shard in range(cfg.num_shards):
@@ -298,6 +299,7 @@ def get_or_create_shards(cfg: ServeConfig, app_name: str) -> list[Any]:
                 # at-least-once retries are safe: every update is keyed by event id
                 max_task_retries=-1,
                 num_cpus=cfg.shard_num_cpus,
+                scheduling_strategy=scheduling_strategy,
             ).remote(shard, to_dict(cfg), name)
         )
     return handles
