@@ -54,9 +54,10 @@ from ray import serve
 
 APP = "chaos"
 REPLICA_KINDS = ("Ingress", "Encoder")
-# what Serve 2.60's proxy answers, as a 500 without Retry-After, for a request in flight on an
-# Ingress replica that died (ray/serve/_private/http_util.py): no setting turns it into a 503
-REPLICA_DIED = "The actor died unexpectedly"
+# the service's own 500s are JSON with a "detail"; a 500 without it is Serve's proxy answering for a
+# request in flight on an Ingress replica that died (ray/serve/_private/http_util.py): no setting
+# of Serve 2.60 turns that into a 503
+SERVICE_ERROR_PREFIX = '{"detail"'
 
 
 @dataclass
@@ -114,7 +115,7 @@ class Client:
                     if response.status == 503 and retry_after is not None:
                         await asyncio.sleep(float(retry_after))
                         continue
-                    if response.status == 500 and REPLICA_DIED in text:
+                    if response.status == 500 and not text.startswith(SERVICE_ERROR_PREFIX):
                         self.ledger.cut_by_replica_death += 1
                     else:
                         self.ledger.unexpected.append(f"{method} {path.split('?')[0]}: {response.status} {text[:200]}")
@@ -267,12 +268,15 @@ async def sample_memory(ledger: Ledger, start: float, until: float, every: float
         await asyncio.sleep(every)
 
 
-def memory_growth(ledger: Ledger, window_start: float, window_end: float) -> list[tuple[float, str, int, int]]:
-    """(growth, title, first KiB, last KiB) of each process that lived through the whole window."""
+def memory_growth(ledger: Ledger, window_start: float) -> list[tuple[float, str, int, int]]:
+    """(growth, title, first KiB, last KiB) from `window_start` to the last sampling round, of
+    each process that lived through that whole window, largest growth first."""
+    last_round = max((samples[-1][0] for samples in ledger.rss.values()), default=0.0)
     growth = []
     for samples in ledger.rss.values():
-        inside = [s for s in samples if window_start <= s[0] <= window_end]
-        if len(inside) < 2 or samples[0][0] > window_start or samples[-1][0] < window_end - 10:
+        inside = [s for s in samples if s[0] >= window_start]
+        # a round lists every process in a moment: alive at the last one means sampled within it
+        if len(inside) < 2 or samples[0][0] > window_start or samples[-1][0] < last_round - 1:
             continue
         first, last = inside[0][2], inside[-1][2]
         growth.append(((last - first) / first, inside[0][1], first, last))
@@ -377,7 +381,7 @@ def run_chaos(cfg: ServeConfig, s: Settings, serve_url: str) -> dict[str, Any]:
     report = check(cfg, ledger)
     window_end = s.calm_seconds + s.seconds
     window_start = max(s.calm_seconds + s.seconds / 2, window_end - 300)
-    growth = memory_growth(ledger, window_start, window_end)
+    growth = memory_growth(ledger, window_start)
     report.update(
         unexpected=len(ledger.unexpected), unexpected_examples=ledger.unexpected[:5],
         connection_errors=ledger.connection_errors, cut_by_replica_death=ledger.cut_by_replica_death,

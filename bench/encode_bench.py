@@ -274,8 +274,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=int, default=10000,
-                        help="distinct texts (item texts included); below ~10k the job's fixed start-up of "
-                             "~6 s (encoder actor start, imports, model load) weighs on the rate: docs/encoding.md")
+                        help="distinct texts (item texts included); with fewer, the job's fixed start-up "
+                             "(encoder actor start, imports, model load) weighs on the rate: docs/encoding.md")
     parser.add_argument("--repeat", type=int, default=1, help="occurrences of each event text in the log")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -265,7 +265,8 @@ class ServeConfig:
              "its event loop (read_channel.py); 0: always yield")
     board_users: int = setting(
         65_536, "users per shard whose packed profile is kept in shared memory for the node's ingress "
-                "replicas to score themselves (3.2 KB of the temp dir each); 0: every read goes to the shard")
+                "replicas to score themselves (one packed state's size of the temp dir each); 0: every read goes "
+                "to the shard")
     host: str = setting("127.0.0.1", "HTTP host of the service")
     port: int = setting(8000, "HTTP port of the service")
     token_env: str = setting("PROFILEREC_API_TOKEN", "environment variable holding the bearer token for writes")

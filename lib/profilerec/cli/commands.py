@@ -228,11 +228,16 @@ def check_encode(cfg: EncodeConfig, prefix: str = "", prepared: bool = True) -> 
         checks.check_prepared(cfg.input, f"{prefix}input")
 
 
-def check_finetune(cfg: FinetuneConfig, prefix: str = "", prepared: bool = True) -> None:
-    """The prepared data, the model to start from and the splits."""
+def _check_ray_train(cfg: FinetuneConfig | TrainConfig, prefix: str) -> None:
+    """What the two Ray Train jobs share: their splits and their number of workers."""
     checks.check_splits(cfg.train_splits, f"{prefix}train_splits")
     checks.check_splits([cfg.eval_split], f"{prefix}eval_split")
     checks.check_positive(cfg.num_workers, f"{prefix}num_workers")
+
+
+def check_finetune(cfg: FinetuneConfig, prefix: str = "", prepared: bool = True) -> None:
+    """The prepared data, the model to start from and the splits."""
+    _check_ray_train(cfg, prefix)
     checks.check_text_model(cfg.model, f"{prefix}model")
     if prepared:
         checks.check_prepared(cfg.input, f"{prefix}input")
@@ -240,9 +245,7 @@ def check_finetune(cfg: FinetuneConfig, prefix: str = "", prepared: bool = True)
 
 def check_train(cfg: TrainConfig, prefix: str = "", inputs: bool = True) -> None:
     """The prepared data and embeddings (unless a workflow makes them first) and the splits."""
-    checks.check_splits(cfg.train_splits, f"{prefix}train_splits")
-    checks.check_splits([cfg.eval_split], f"{prefix}eval_split")
-    checks.check_positive(cfg.num_workers, f"{prefix}num_workers")
+    _check_ray_train(cfg, prefix)
     checks.check_positive(cfg.epochs, f"{prefix}epochs")
     if inputs:
         checks.check_prepared(cfg.input, f"{prefix}input")

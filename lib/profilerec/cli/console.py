@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, TextIO
 
 from profilerec.errors import ProfilerecError
+from profilerec.runtime.environment import environment
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 EXIT_USER_ERROR = 2
@@ -186,7 +187,7 @@ def job_console(job: str, log_folder: str, verbose: bool) -> Iterator[Console]:
             path = log_file_path(log_folder, job)
             out, err = stack.enter_context(_descriptors_to(path))
             # workers' lines come to the log without terminal colour codes
-            stack.enter_context(_environment(RAY_COLOR_PREFIX="0"))
+            stack.enter_context(environment(RAY_COLOR_PREFIX="0"))
             _console = Console(out, err, path)
             handlers = [_handler(logging.FileHandler(path), logging.INFO),
                         _handler(TerminalHandler(err), logging.WARNING)]
@@ -195,21 +196,6 @@ def job_console(job: str, log_folder: str, verbose: bool) -> Iterator[Console]:
             yield _console
         finally:
             _console = saved
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Environment variables set while the job runs, restored after."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @contextlib.contextmanager

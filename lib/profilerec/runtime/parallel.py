@@ -15,6 +15,8 @@ import multiprocessing
 import os
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
+from profilerec.runtime.environment import environment
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -61,21 +63,10 @@ def map_chunks(fn: Callable[[T], R], chunks: Iterable[T], workers: int,
             yield pending.popleft().result()
 
 
-@contextlib.contextmanager
-def _one_thread_each() -> Iterator[None]:
+def _one_thread_each() -> contextlib.AbstractContextManager:
     # the processes share the cores: BLAS thread pools of their own (read from the environment
     # when a spawned worker imports numpy) would only fight over them
-    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update(dict.fromkeys(names, "1"))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    return environment(**dict.fromkeys(("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"), "1"))
 
 
 def _init(initializer: Optional[Callable[..., None]], initargs: tuple) -> None:

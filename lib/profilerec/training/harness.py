@@ -52,7 +52,7 @@ def worker_threads(threads: Optional[int] = None) -> int:
 
 def bf16_enabled(setting: Optional[bool], device: torch.device) -> bool:
     """Whether to train under bf16 autocast: `setting`, or by default on CUDA GPUs that support it
-    and on CPUs that multiply bf16 in hardware (AMX: about 1.6x the fp32 samples/s, docs/throughput.md)."""
+    and on CPUs that multiply bf16 in hardware (AMX; faster than fp32 there, docs/throughput.md)."""
     if setting is not None:
         return setting
     if device.type == "cuda":
