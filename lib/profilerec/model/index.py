@@ -1,7 +1,7 @@
-"""The item index: item ids, their text embeddings and metadata, and top-K with exclusions.
+"""The item index: item ids, their text embeddings and metadata, filters, and top-K with exclusions.
 
-Scores for all items come from the scorer (an exact matmul: a few thousand to a few hundred
-thousand items fit easily); the index turns them into the K best allowed items. Items can be
+The index turns scores (of every item, or of candidates: retrieval.py) into the K best allowed
+items. Items can be
 added or changed while serving (`upsert`), rows are never reordered, so a row number stays valid.
 """
 
@@ -34,6 +34,8 @@ class ItemIndex:
         if not (len(self.vectors) == len(self.brands) == len(self.categories) == len(self.titles) == n):
             raise ValueError("item index columns have different lengths")
         self.rows = {item_id: i for i, item_id in enumerate(self.item_ids)}
+        self._by_brand: Optional[dict[str, np.ndarray]] = None  # allowed_rows' lookups, made on first use
+        self._by_category: Optional[dict[str, np.ndarray]] = None
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -85,19 +87,28 @@ class ItemIndex:
             rows.append(row)
         if new_vectors:
             self.vectors = np.vstack([self.vectors, np.asarray(new_vectors, dtype=np.float32)])
+        self._by_brand = self._by_category = None
         return rows
+
+    def allowed_rows(self, brand: Optional[str] = None, category: Optional[str] = None) -> Optional[np.ndarray]:
+        """Sorted rows of the items matching the filters (case-insensitive), or None for no filter.
+        Looked up in lists of rows per brand and per category, made once per catalog change."""
+        if brand is None and category is None:
+            return None
+        if self._by_brand is None:
+            self._by_brand, self._by_category = _rows_by_value(self.brands), _rows_by_value(self.categories)
+        empty = np.zeros(0, dtype=np.int64)
+        found = [lookup.get(value.casefold(), empty) for lookup, value in
+                 ((self._by_brand, brand), (self._by_category, category)) if value is not None]
+        return found[0] if len(found) == 1 else np.intersect1d(*found, assume_unique=True)
 
     def allowed(self, brand: Optional[str] = None, category: Optional[str] = None) -> Optional[np.ndarray]:
         """Boolean mask of items matching the filters (case-insensitive), or None for no filter."""
-        if brand is None and category is None:
+        rows = self.allowed_rows(brand, category)
+        if rows is None:
             return None
-        mask = np.ones(len(self), dtype=bool)
-        if brand is not None:
-            wanted = brand.casefold()
-            mask &= np.array([(b or "").casefold() == wanted for b in self.brands], dtype=bool)
-        if category is not None:
-            wanted = category.casefold()
-            mask &= np.array([any(c.casefold() == wanted for c in cats) for cats in self.categories], dtype=bool)
+        mask = np.zeros(len(self), dtype=bool)
+        mask[rows] = True
         return mask
 
     def top_k(self, scores: np.ndarray, k: int, exclude_rows: Iterable[int] = (),
@@ -108,12 +119,31 @@ class ItemIndex:
             scores[~allowed] = -np.inf
         excluded = [r for r in exclude_rows if 0 <= r < len(scores)]
         scores[excluded] = -np.inf
-        k = min(k, int(np.isfinite(scores).sum()))
-        if k <= 0:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        top = np.argpartition(-scores, k - 1)[:k]
-        top = top[np.lexsort((top, -scores[top]))]  # best first; ties by row for a stable order
-        return top, scores[top]
+        return best_rows(np.arange(len(scores)), scores, k)
+
+
+def best_rows(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` best of `rows` by their `scores` (-inf: never), best first, ties by row: the order
+    every ranking of the project uses, full or two-stage."""
+    k = min(k, int(np.isfinite(scores).sum()))
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    kth = -np.partition(-scores, k - 1)[k - 1]
+    better = np.flatnonzero(scores > kth)
+    tied = np.flatnonzero(scores == kth)  # the lowest rows of them make up the k, whatever the partition
+    top = np.concatenate([better, tied[np.argsort(rows[tied], kind="stable")][: k - len(better)]])
+    top = top[np.lexsort((rows[top], -scores[top]))]
+    return rows[top], scores[top]
+
+
+def _rows_by_value(column: list) -> dict[str, np.ndarray]:
+    """casefolded value -> sorted rows having it, for a column of values or lists of values."""
+    found: dict[str, list[int]] = {}
+    for row, values in enumerate(column):
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None:
+                found.setdefault(value.casefold(), []).append(row)
+    return {value: np.unique(np.asarray(rows, dtype=np.int64)) for value, rows in found.items()}
 
 
 def index_from_tables(items: pa.Table, embeddings: pa.Table) -> ItemIndex:

@@ -18,10 +18,20 @@ from profilerec.data import storage
 from profilerec.data.schema import Event
 from profilerec.data.vectors import read_embeddings
 from profilerec.model.encoder import text_hash
-from profilerec.model.index import ItemIndex, index_from_tables
+from profilerec.model.index import ItemIndex, best_rows, index_from_tables
 from profilerec.model.priors import ItemPriors, empty_priors, grown_priors
 from profilerec.model.profile import ProfileParams, ProfileState, event_embedding, interest_vectors, zero_shot_query
-from profilerec.model.scorer import SCORER_META, ProfileScorer, load_scorer, scorer_batch, scorer_exists
+from profilerec.model.retrieval import Retrieval
+from profilerec.model.scorer import (
+    SCORER_META,
+    ProfileScorer,
+    ScoreParts,
+    frozen_parts,
+    frozen_row_scores,
+    load_scorer,
+    scorer_batch,
+    scorer_exists,
+)
 from profilerec.model.text_vectors import TextVectors, empty_text_vectors, load_text_vectors
 
 SCORER_DIR = "scorer"  # inside a model folder, next to a fine-tuned `encoder`
@@ -36,6 +46,12 @@ class Recommender:
     text_vectors: TextVectors = field(default_factory=empty_text_vectors)  # text_hash -> unit vector
     priors: Optional[ItemPriors] = None  # popularity and transitions counted in the log
     scorer: Optional[ProfileScorer] = None  # the trained scorer; None = zero-shot profile
+    retrieval: Optional[Retrieval] = None  # candidates for two-stage top-K; None = score every item
+
+    def __post_init__(self) -> None:
+        # popularity_scores and popular_rows, made on first use, dropped when the priors or items change
+        self._popularity: Optional[np.ndarray] = None
+        self._popular: Optional[np.ndarray] = None
 
     def vector_of(self, event: Event) -> Optional[np.ndarray]:
         """The embedding `event` adds to a profile (item and/or its own text), or None."""
@@ -46,22 +62,33 @@ class Recommender:
         return event_embedding(item, text, self.params)
 
     def popularity_scores(self) -> np.ndarray:
-        """Cold-start scores: log of the item's count in the training log (0 for unseen items)."""
-        n = len(self.index)
-        pop = np.zeros(n, dtype=np.float32)
-        if self.priors is not None:
-            m = min(n, len(self.priors.popularity))
-            pop[:m] = np.log1p(self.priors.popularity[:m])
-        return pop
+        """Cold-start scores: log of the item's count in the training log (0 for unseen items).
+        Read-only: the array is kept until the priors change."""
+        if self._popularity is None:
+            n = len(self.index)
+            pop = np.zeros(n, dtype=np.float32)
+            if self.priors is not None:
+                m = min(n, len(self.priors.popularity))
+                pop[:m] = np.log1p(self.priors.popularity[:m])
+            pop.flags.writeable = False
+            self._popularity = pop
+        return self._popularity
 
     @property
     def transition_span(self) -> int:
         """How far apart two events may be to count as a transition in the priors it scores with."""
         return self.scorer.params.transition_span if self.scorer is not None else 1
 
+    def popular_rows(self) -> np.ndarray:
+        """Every item row, most popular first (ties by row); kept until the priors change."""
+        if self._popular is None:
+            self._popular = np.lexsort((np.arange(len(self.index)), -self.popularity_scores()))
+        return self._popular
+
     def set_priors(self, priors: ItemPriors) -> None:
         """Score with these item statistics from now on (the scorer too)."""
         self.priors = priors
+        self._popularity = self._popular = None
         if self.scorer is not None:
             self.scorer.set_priors(priors)
 
@@ -69,10 +96,13 @@ class Recommender:
         """Add new items (ITEMS_SCHEMA rows with their unit `vectors`) and replace changed ones;
         they are scored from now on. New items have no popularity or transitions yet."""
         cols = items.to_pydict()
-        self.index.upsert(cols["item_id"], vectors, cols["brand"], cols["categories"], cols["title"])
+        rows = self.index.upsert(cols["item_id"], vectors, cols["brand"], cols["categories"], cols["title"])
         self.priors = grown_priors(self.priors or empty_priors(0), len(self.index))
+        self._popularity = self._popular = None
         if self.scorer is not None:
             self.scorer.set_items(self.index.vectors, self.priors)
+        if self.retrieval is not None:
+            self.retrieval.changed(rows)
 
     def scores(self, states: Sequence[ProfileState]) -> np.ndarray:
         """[len(states), items] scores; higher is better. Cold users get popularity scores."""
@@ -94,12 +124,71 @@ class Recommender:
     def recommend(self, state: ProfileState, k: int = 10, exclude_seen: bool = False,
                   brand: Optional[str] = None, category: Optional[str] = None) -> list[dict[str, Any]]:
         """The top-`k` items for one profile, best first, with scores."""
-        scores = self.scores([state])[0]
         exclude = [self.index.row(ev.item_id) for ev in state.recent] if exclude_seen else []
-        rows, top = self.index.top_k(scores, k, exclude, self.index.allowed(brand, category))
+        allowed = self.index.allowed_rows(brand, category)
+        if self.retrieval is None:
+            mask = None
+            if allowed is not None:
+                mask = np.zeros(len(self.index), dtype=bool)
+                mask[allowed] = True
+            rows, top = self.index.top_k(self.scores([state])[0], k, exclude, mask)
+        else:
+            rows, top = self.two_stage_top([state], k, [exclude], allowed)[0]
         return [{"item_id": self.index.item_ids[r], "score": float(s), "title": self.index.titles[r]}
                 for r, s in zip(rows, top)]
 
+    def two_stage_top(self, states: Sequence[ProfileState], k: int, exclude: Sequence[Sequence[int]],
+                      allowed: Optional[np.ndarray] = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Rows and scores of the `k` best items of each profile among its candidates (retrieval.py),
+        leaving out its `exclude` rows and, with `allowed` (sorted rows), every other item. When a
+        filter leaves fewer than `k` candidates, every allowed item is scored."""
+        if self.retrieval is None:
+            raise ValueError("two_stage_top needs a Recommender with retrieval")
+        excluded = [np.unique(np.asarray(rows, dtype=np.int64)) for rows in exclude]
+        warm = [i for i, state in enumerate(states) if state.recent or state.long_sum is not None]
+        out = {i: self._cold_top(k, excluded[i], allowed) for i in sorted(set(range(len(states))) - set(warm))}
+        if warm:
+            parts = self.score_parts([states[i] for i in warm])
+            popular = self._popular_among(allowed, self.retrieval.popular)
+            candidates = self.retrieval.candidates(parts, self.item_matrix(), popular, allowed)
+            for b, i in enumerate(warm):
+                rows = np.setdiff1d(candidates[b], excluded[i], assume_unique=True)
+                out[i] = best_rows(rows, self.row_scores(parts.of(b), rows)[0], k)
+        return [out[i] for i in range(len(states))]
+
+    def _cold_top(self, k: int, excluded: np.ndarray, allowed: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The top-`k` of a profile with no event: the most popular allowed items."""
+        rows = np.setdiff1d(self._popular_among(allowed, k + len(excluded)), excluded)
+        return best_rows(rows, self.popularity_scores()[rows], k)
+
+    def _popular_among(self, allowed: Optional[np.ndarray], n: int) -> np.ndarray:
+        """The `n` most popular of the `allowed` rows (of every row when None), most popular first:
+        the cost grows with the allowed rows, not with the catalog."""
+        if allowed is None:
+            return self.popular_rows()[:n]
+        return best_rows(allowed, self.popularity_scores()[allowed], n)[0]
+
+    def score_parts(self, states: Sequence[ProfileState]) -> ScoreParts:
+        """The user vectors and sparse score terms of profiles with events (scorer.ScoreParts);
+        without a scorer, the zero-shot query and no sparse term."""
+        if self.scorer is not None:
+            batch = scorer_batch(states, self.index.row, self.params, self.scorer.params, self.index.dim)
+            return frozen_parts(self.scorer.frozen(), batch)
+        zero = np.zeros(self.index.dim, dtype=np.float32)  # a profile of unknown items only
+        queries = [zero_shot_query(s, self.params) for s in states]
+        user = np.stack([zero if q is None else q for q in queries]).astype(np.float32)
+        none = np.zeros(0, dtype=np.int64)
+        return ScoreParts(user, none, none, np.zeros(0, dtype=np.float32))
+
+    def item_matrix(self) -> np.ndarray:
+        """[items, D] the item vectors the user vectors of score_parts are compared with."""
+        return self.scorer.frozen().items if self.scorer is not None else self.index.vectors
+
+    def row_scores(self, parts: ScoreParts, rows: np.ndarray) -> np.ndarray:
+        """[B, len(rows)] the scores of `scores` for the item `rows` only (sorted, distinct)."""
+        if self.scorer is not None:
+            return frozen_row_scores(self.scorer.frozen(), parts, rows)
+        return parts.user @ self.index.vectors[rows].T
 
     def explain(self, state: ProfileState, item_id: str) -> dict[str, Any]:
         """Why `item_id` suits the profile: its similarity to the short- and long-term interests

@@ -156,12 +156,16 @@ class ProfileScorer(nn.Module):
         self._frozen = None
         return super().load_state_dict(*args, **kwargs)
 
-    def predict(self, batch: ScorerBatch) -> np.ndarray:
-        """[B, items] scores of `forward` in eval mode, computed in numpy from the frozen weights
-        (made on the first call after loading, training or a catalog change)."""
+    def frozen(self) -> "FrozenScorer":
+        """The eval-mode weights numpy scores with (made on the first call after loading,
+        training or a catalog change)."""
         if self._frozen is None:
             self._frozen = frozen_scorer(self)
-        return frozen_scores(self._frozen, batch)
+        return self._frozen
+
+    def predict(self, batch: ScorerBatch) -> np.ndarray:
+        """[B, items] scores of `forward` in eval mode, computed in numpy from the frozen weights."""
+        return frozen_scores(self.frozen(), batch)
 
     def user_vectors(self, batch: ScorerBatch, items: torch.Tensor) -> torch.Tensor:
         """[B, D] unit user vectors from the window and the interest vectors."""
@@ -290,8 +294,27 @@ def frozen_scorer(model: ProfileScorer) -> FrozenScorer:
         )
 
 
-def frozen_scores(f: FrozenScorer, batch: ScorerBatch) -> np.ndarray:
-    """[B, items] scores: ProfileScorer.forward in eval mode without targets, step for step."""
+@dataclass(frozen=True)
+class ScoreParts:
+    """A batch's scores taken apart: a dense term every item gets (the user vector against the
+    item's, plus its popularity) and sparse terms only some items get (repeats of window items,
+    transitions from them). Retrieval searches by `user` and adds `rows` to the candidates, so the
+    candidates hold every item whose score has more than the dense term."""
+
+    user: np.ndarray  # [B, D] unit user vectors
+    b_idx: np.ndarray  # [S] the profile each sparse term belongs to
+    rows: np.ndarray  # [S] the item row it adds to
+    values: np.ndarray  # [S] what it adds
+
+    def of(self, b: int) -> "ScoreParts":
+        """The parts of profile `b` alone."""
+        mine = self.b_idx == b
+        return ScoreParts(self.user[b:b + 1], np.zeros(int(mine.sum()), dtype=np.int64), self.rows[mine],
+                          self.values[mine])
+
+
+def frozen_parts(f: FrozenScorer, batch: ScorerBatch) -> ScoreParts:
+    """The user vectors and sparse terms of ProfileScorer.forward in eval mode, step for step."""
     p = f.params
     win = {field.name: getattr(batch, field.name).cpu().numpy() for field in fields(batch)}
     mask = win["mask"]
@@ -314,21 +337,45 @@ def frozen_scores(f: FrozenScorer, batch: ScorerBatch) -> np.ndarray:
         parts += list(_unit(np.stack([win["short"], win["long"]]) @ f.proj_t))
     else:
         parts += [np.zeros_like(newest), np.zeros_like(newest)]
-    user = _unit(sum(w * v for w, v in zip(f.mix, parts)))
-    scores = f.scale * (user @ f.items_t) + f.popularity
+    user = _unit(sum(w * v for w, v in zip(f.mix, parts))).astype(np.float32)
     b_idx, p_idx = np.nonzero(mask)
     rows, pos = win["items"][b_idx, p_idx], win["positions"][b_idx, p_idx]
+    terms = []  # (profile, item row, value) of each sparse term, in arrays
     if p.repeat:
-        np.add.at(scores, (b_idx, rows), f.repeat[pos])
+        terms.append((b_idx, rows, f.repeat[pos]))
     if p.transitions and len(rows):
         starts = f.t_indptr[rows]
         lengths = f.t_indptr[rows + 1] - starts
         if lengths.sum():
             slot = np.repeat(np.arange(len(rows)), lengths)
             nz = starts[slot] + np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-            values = (f.t_features[nz] * f.trans[pos[slot]]).sum(-1)
-            np.add.at(scores, (b_idx[slot], f.t_indices[nz]), values)
+            terms.append((b_idx[slot], f.t_indices[nz], (f.t_features[nz] * f.trans[pos[slot]]).sum(-1)))
+    return ScoreParts(user, _joined([t[0] for t in terms], np.int64), _joined([t[1] for t in terms], np.int64),
+                      _joined([t[2] for t in terms], np.float32))
+
+
+def frozen_scores(f: FrozenScorer, batch: ScorerBatch) -> np.ndarray:
+    """[B, items] scores: ProfileScorer.forward in eval mode without targets."""
+    parts = frozen_parts(f, batch)
+    scores = f.scale * (parts.user @ f.items_t) + f.popularity
+    np.add.at(scores, (parts.b_idx, parts.rows), parts.values)
     return scores.astype(np.float32, copy=False)
+
+
+def frozen_row_scores(f: FrozenScorer, parts: ScoreParts, rows: np.ndarray) -> np.ndarray:
+    """[B, len(rows)] the same scores as frozen_scores, for the item `rows` only (sorted, distinct):
+    the cost grows with the rows scored, not with the catalog."""
+    scores = f.scale * (parts.user @ f.items[rows].T) + f.popularity[rows]
+    if not len(rows):
+        return scores.astype(np.float32, copy=False)
+    at = np.searchsorted(rows, parts.rows)
+    hit = (at < len(rows)) & (rows[np.minimum(at, len(rows) - 1)] == parts.rows)
+    np.add.at(scores, (parts.b_idx[hit], at[hit]), parts.values[hit])
+    return scores.astype(np.float32, copy=False)
+
+
+def _joined(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype=dtype)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

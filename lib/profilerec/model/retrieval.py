@@ -1,0 +1,105 @@
+"""Candidate retrieval: the few hundred items a profile's top-K is chosen from, so that a
+recommendation costs about the same at ten thousand items as at ten million.
+
+A profile's candidates are
+
+- the `nearest` items to its user vector among the item vectors the scorer compares it with,
+  from a nearest-neighbour index (ann.py) built by `profilerec index`;
+- the items added or changed since that index was built, searched exactly (they are few until
+  the next index build);
+- the `popular` most popular items (the popularity term can lift an item the vector search
+  leaves out);
+- every item the profile's sparse terms touch: its window items (repeats) and the items that
+  followed them in the log (transitions).
+
+The scorer then scores the candidates only (scorer.frozen_row_scores). An item outside them gets
+the dense term alone (its similarity to the user plus its popularity), which is why those two
+kinds of candidate suffice: the two-stage top-K differs from the full ranking only where the
+nearest-neighbour search misses, or where an item just outside both the nearest and the popular
+ones beats the K-th candidate on the two together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+import numpy as np
+from profilerec.model.scorer import ScoreParts
+
+
+class NearestItems(Protocol):
+    """A nearest-neighbour search over the first `size` rows of the item matrix."""
+
+    size: int
+
+    def search(self, queries: np.ndarray, n: int, allowed: Optional[np.ndarray] = None) -> np.ndarray:
+        """[B, n] item rows by decreasing inner product with each query, among the `allowed` rows
+        (sorted) when given; -1 where there are fewer."""
+        ...
+
+
+@dataclass
+class ExactNearest:
+    """Nearest items by an exact product with every row: the reference, and the search for the
+    rows changed since the index was built."""
+
+    vectors: np.ndarray  # [rows, D]
+    rows: Optional[np.ndarray] = None  # the item row of each vector; None: row i is item row i
+
+    @property
+    def size(self) -> int:
+        """Rows searched."""
+        return len(self.vectors)
+
+    def search(self, queries: np.ndarray, n: int, allowed: Optional[np.ndarray] = None) -> np.ndarray:
+        """[B, n] item rows, best first, among the `allowed` rows when given; -1 where there are
+        fewer than n."""
+        rows = np.arange(len(self.vectors)) if self.rows is None else self.rows
+        vectors = self.vectors
+        if allowed is not None:
+            keep = np.isin(rows, allowed)
+            rows, vectors = rows[keep], vectors[keep]
+        out = np.full((len(queries), n), -1, dtype=np.int64)
+        m = min(n, len(vectors))
+        if m == 0:
+            return out
+        sims = queries @ vectors.T
+        top = np.argpartition(-sims, m - 1, axis=1)[:, :m]
+        order = np.take_along_axis(-sims, top, axis=1).argsort(axis=1, kind="stable")
+        out[:, :m] = rows[np.take_along_axis(top, order, axis=1)]
+        return out
+
+
+@dataclass
+class Retrieval:
+    """The candidate sources of a Recommender (see the module docstring)."""
+
+    index: NearestItems  # over item rows [0, index.size) as they were when it was built
+    nearest: int = 200
+    popular: int = 50
+    fresh: set[int] = field(default_factory=set)  # rows added or changed since: searched exactly
+
+    def candidates(self, parts: ScoreParts, items: np.ndarray, popular_rows: np.ndarray,
+                   allowed: Optional[np.ndarray] = None) -> list[np.ndarray]:
+        """Sorted distinct candidate rows of each profile of `parts`, all among the `allowed` rows
+        (sorted) when given: the nearest of them, not the nearest items filtered. `items` is the
+        item matrix the user vectors are compared with, `popular_rows` the most popular (allowed)
+        rows, most popular first. A filter that leaves few items makes every one a candidate."""
+        if allowed is not None and len(allowed) <= self.nearest + self.popular:
+            return [allowed] * len(parts.user)
+        found = [self.index.search(parts.user, self.nearest, allowed)]
+        if self.fresh:
+            rows = np.fromiter(sorted(self.fresh), dtype=np.int64, count=len(self.fresh))
+            found.append(ExactNearest(items[rows], rows).search(parts.user, self.nearest, allowed))
+        found = np.concatenate(found, axis=1)
+        sparse = parts.rows if allowed is None else np.where(np.isin(parts.rows, allowed), parts.rows, -1)
+        out = []
+        for b in range(len(parts.user)):
+            rows = np.concatenate([found[b], popular_rows[: self.popular], sparse[parts.b_idx == b]])
+            out.append(np.unique(rows[rows >= 0]))
+        return out
+
+    def changed(self, rows: list[int]) -> None:
+        """Items at `rows` were added or got a new vector: search them exactly from now on."""
+        self.fresh.update(rows)

@@ -1,0 +1,167 @@
+"""Two-stage recommendations (retrieval.py + the scorer on the candidates) against scoring every
+item, on a catalog of a few thousand items where the nearest-neighbour search is exact."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from profilerec.config import ScorerConfig
+from profilerec.data.schema import ITEMS_SCHEMA, Event
+from profilerec.model.index import ItemIndex
+from profilerec.model.priors import item_priors
+from profilerec.model.profile import ProfileParams, ProfileState, apply_event
+from profilerec.model.recommend import Recommender
+from profilerec.model.retrieval import ExactNearest, Retrieval
+from profilerec.model.scorer import ProfileScorer
+
+N, DIM = 3000, 16
+BRANDS = ["Acme", "Bolt", "Rare"]
+
+
+def _catalog(seed: int = 0) -> tuple[ItemIndex, dict[str, list[Event]]]:
+    rng = np.random.default_rng(seed)
+    # items in clusters, as text embeddings are: many near neighbours, a few far ones
+    centres = rng.normal(size=(30, DIM))
+    vectors = centres[rng.integers(0, 30, N)] + 0.4 * rng.normal(size=(N, DIM))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    brands = [BRANDS[2] if i % 500 == 0 else BRANDS[i % 2] for i in range(N)]  # "Rare": 6 items
+    categories = [[f"c{i % 7}"] for i in range(N)]
+    index = ItemIndex([f"i{i}" for i in range(N)], vectors, brands, categories, [f"t{i}" for i in range(N)])
+    # popularity skewed and transitions to arbitrary items (far from the user vector, often)
+    sequences = {}
+    for u in range(400):
+        items = rng.choice(N, size=8, p=_zipf(N))
+        sequences[f"u{u}"] = [Event(event_id=f"u{u}:{n}", user_id=f"u{u}", item_id=f"i{i}", type="view",
+                                    ts=3600.0 * n) for n, i in enumerate(items)]
+    return index, sequences
+
+
+def _zipf(n: int) -> np.ndarray:
+    weights = 1.0 / np.arange(1, n + 1)
+    return weights / weights.sum()
+
+
+def _recommender(with_scorer: bool, popularity: float = 0.3) -> tuple[Recommender, list[ProfileState]]:
+    index, sequences = _catalog()
+    params = ProfileParams()
+    priors = item_priors(sequences, index)
+    scorer = None
+    if with_scorer:
+        scorer = ProfileScorer(index.vectors, priors, params.window, ScorerConfig())
+        with torch.no_grad():  # every term switched on at the strength a trained scorer gives it
+            scorer.pop.fill_(popularity)
+            scorer.repeat.fill_(1.0)
+            scorer.trans.fill_(1.5)
+            torch.manual_seed(0)
+            scorer.proj.weight.add_(0.05 * torch.randn_like(scorer.proj.weight))
+        scorer.eval()
+    recommender = Recommender(index, params, priors=priors, scorer=scorer)
+    states = []
+    rng = np.random.default_rng(1)
+    for u in range(60):
+        state = ProfileState(f"p{u}")
+        for n, row in enumerate(rng.choice(N, size=int(rng.integers(1, 12)), p=_zipf(N))):
+            event = Event(event_id=f"p{u}:{n}", user_id=f"p{u}", item_id=f"i{row}", type="view", ts=3600.0 * n)
+            state = apply_event(state, event, index.vector(event.item_id), params)
+        states.append(state)
+    states.append(ProfileState("cold"))
+    return recommender, states
+
+
+def _exact_and_two_stage(recommender: Recommender, states: list[ProfileState], nearest: int, popular: int = 50,
+                         **request) -> tuple[list, list]:
+    exact = [recommender.recommend(s, **request) for s in states]
+    recommender.retrieval = Retrieval(ExactNearest(recommender.item_matrix()), nearest=nearest, popular=popular)
+    two_stage = [recommender.recommend(s, **request) for s in states]
+    recommender.retrieval = None
+    return exact, two_stage
+
+
+def _same_answers(a: list[list[dict]], b: list[list[dict]]) -> None:
+    """The same items in the same order, with the same scores up to float rounding (a product
+    over a few rows adds up in another order than one over all of them)."""
+    assert [[item["item_id"] for item in answer] for answer in a] == [[item["item_id"] for item in answer]
+                                                                       for answer in b]
+    np.testing.assert_allclose([item["score"] for answer in a for item in answer],
+                               [item["score"] for answer in b for item in answer], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(params=[True, False], ids=["scorer", "zero-shot"], scope="module")
+def served(request):
+    return _recommender(request.param)
+
+
+def test_two_stage_returns_what_scoring_every_item_returns(served):
+    exact, two_stage = _exact_and_two_stage(*served, nearest=100, k=10)
+    _same_answers(two_stage, exact)
+    assert all(len(answer) == 10 for answer in two_stage)
+
+
+def _overlap(a: list[list[dict]], b: list[list[dict]]) -> float:
+    return float(np.mean([len({i["item_id"] for i in x} & {i["item_id"] for i in y}) / 10 for x, y in zip(a, b)]))
+
+
+@pytest.mark.parametrize("popularity,popular", [(0.3, 50), (4.0, 200)], ids=["sparse terms", "strong popularity"])
+def test_items_the_vector_search_misses_are_candidates_too(popularity, popular):
+    recommender, states = _recommender(True, popularity)
+    # with the 10 nearest items only, the repeats, transitions and popular items still reach the
+    # top-10 as in the full ranking
+    exact, two_stage = _exact_and_two_stage(recommender, states, nearest=10, popular=popular, k=10)
+    matrix = recommender.item_matrix()
+    far = 0
+    for state, ex in zip(states, exact):
+        if not state.recent:
+            continue
+        parts = recommender.score_parts([state])
+        nearest = set(ExactNearest(matrix).search(parts.user, 10)[0].tolist())
+        far += sum(recommender.index.row(item["item_id"]) not in nearest for item in ex)
+    assert far > 0  # the full ranking has items outside the 10 nearest...
+    assert _overlap(exact, two_stage) >= 0.95  # ...and the two-stage lists have them too
+    _, nearest_only = _exact_and_two_stage(recommender, states, nearest=10, popular=0, k=10)
+    assert _overlap(exact, nearest_only) < _overlap(exact, two_stage)
+
+
+@pytest.mark.parametrize("request_args", [{"brand": "acme"}, {"brand": "RARE"}, {"category": "c3"},
+                                          {"brand": "bolt", "category": "c2"}, {"exclude_seen": True},
+                                          {"brand": "nobody"}],
+                         ids=["brand", "brand with fewer items than k", "category", "both", "exclude seen",
+                              "no item"])
+def test_filters_and_exclusions_hold_as_in_the_full_ranking(served, request_args):
+    recommender, states = served
+    exact, two_stage = _exact_and_two_stage(recommender, states, nearest=100, k=10, **request_args)
+    _same_answers(two_stage, exact)
+    index = recommender.index
+    for state, answer in zip(states, two_stage):
+        for item in answer:
+            meta = index.meta(item["item_id"])
+            if "brand" in request_args:
+                assert meta["brand"].casefold() == request_args["brand"].casefold()
+            if "category" in request_args:
+                assert request_args["category"] in meta["categories"]
+            if request_args.get("exclude_seen"):
+                assert item["item_id"] not in {ev.item_id for ev in state.recent}
+    if "RARE" in request_args.values():
+        assert all(len(answer) == 6 for answer in two_stage)  # every Rare item, none else
+    if "nobody" in request_args.values():
+        assert all(answer == [] for answer in two_stage)
+
+
+@pytest.mark.parametrize("with_scorer", [True, False], ids=["scorer", "zero-shot"])
+def test_items_added_while_serving_are_retrievable_at_once(with_scorer):
+    recommender, states = _recommender(with_scorer)
+    states = [s for s in states if s.recent]
+    recommender.retrieval = Retrieval(ExactNearest(recommender.item_matrix()), nearest=50, popular=10)
+    target = recommender.score_parts(states[:1]).user[0]
+    # an item pointing where the user vector points: the best match in the catalog, added after
+    # the nearest-neighbour index was built
+    text_vector = target if recommender.scorer is None else np.linalg.solve(
+        recommender.scorer.proj.weight.detach().numpy(), target)
+    text_vector = (text_vector / np.linalg.norm(text_vector)).astype(np.float32)
+    items = pa.Table.from_pylist([{"item_id": "fresh", "title": "Fresh", "brand": "Acme", "categories": ["c3"],
+                                   "description": None}], schema=ITEMS_SCHEMA)
+    recommender.upsert_items(items, text_vector[None, :])
+    assert recommender.retrieval.index.size == N  # the index itself did not change
+    top = recommender.recommend(states[0], k=10)
+    assert "fresh" in [item["item_id"] for item in top]
+    recommender.retrieval = None
+    _same_answers([recommender.recommend(states[0], k=10)], [top])
