@@ -117,11 +117,13 @@ def serve_config(work: Path, state: Path, **settings):
 
 @pytest.fixture(scope="session")
 def tiny_work(tmp_path_factory, ray_session):
-    """A prepared + encoded + trained + profiled work folder of a few dozen real users: the untuned
-    encoder's embeddings, a profile scorer trained on them (work/model/scorer), the batch profiles."""
+    """A prepared + encoded + trained + indexed + profiled work folder of a few dozen real users:
+    the untuned encoder's embeddings, a profile scorer trained on them (work/model/scorer), the
+    nearest-neighbour index of its item vectors (work/index), the batch profiles."""
     from profilerec.batch.encode import run_encode
+    from profilerec.batch.index import run_index
     from profilerec.batch.profiles import run_profiles
-    from profilerec.config import EncodeConfig, PrepareConfig, ProfilesConfig, TrainConfig
+    from profilerec.config import EncodeConfig, IndexConfig, PrepareConfig, ProfilesConfig, TrainConfig
     from profilerec.data.datasets import prepare
     from profilerec.training.scorer import run_train
 
@@ -135,6 +137,8 @@ def tiny_work(tmp_path_factory, ray_session):
                use_gpu=False)
     run_train(TrainConfig(input=str(work / "prepared"), embeddings=str(work / "embeddings"), output=str(work / "model"),
                           epochs=4, patience=4, storage_path=str(base / "ray_train")))
+    run_index(IndexConfig(input=str(work / "prepared"), embeddings=str(work / "embeddings"), model=str(work / "model"),
+                          output=str(work / "index"), threads=1))
     run_profiles(ProfilesConfig(input=str(work / "prepared"), embeddings=str(work / "embeddings"),
                                 model=str(work / "model"), output=str(work / "profiles")))
     return work

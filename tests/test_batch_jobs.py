@@ -6,16 +6,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from conftest import write_tiny_amazon
-from profilerec.batch.evaluate import split_recommender
+from profilerec.batch.evaluate import run_evaluate, split_recommender
+from profilerec.batch.index import run_index
 from profilerec.batch.profiles import run_profiles
-from profilerec.config import EvaluateConfig, PrepareConfig, ProfilesConfig
+from profilerec.config import EvaluateConfig, IndexConfig, PrepareConfig, ProfilesConfig, RetrievalConfig
 from profilerec.data import storage
 from profilerec.data.vectors import vectors_to_arrow
+from profilerec.errors import ConfigError, DataError
 from profilerec.model.priors import item_priors, log_priors
 from profilerec.model.profile import build_profile, states_to_table
 from profilerec.model.ranking import case_ranks, popularity_ranks, ranking_metrics
 from profilerec.model.recommend import load_recommender
 from profilerec.model.replay import hidden_event_ids, iter_cases, user_sequences
+from profilerec.model.retrieval import configured_retrieval
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +72,45 @@ def test_profiles_and_evaluate_jobs_stream_to_the_whole_log_results(prepared, mo
     popularity = storage.read_table(str(tmp / "profiles" / "popularity.parquet"))
     assert pc.sum(popularity.column("count")).as_py() == data.events.num_rows  # every item is in the index
 
-    from profilerec.batch.evaluate import run_evaluate
-
     report = run_evaluate(EvaluateConfig(**folders, output=str(tmp / "report"), workers=2))
     cases = list(iter_cases(sequences, data.cases, ["test"], data.max_history))
     whole = split_recommender(data, sequences, str(tmp / "embeddings"), "test")
     assert report["cases"] == len(cases) > 30
     assert report["methods"]["profilerec"] == ranking_metrics(case_ranks(whole, cases))
     assert report["methods"]["popularity"] == ranking_metrics(popularity_ranks(whole, cases))
+
+
+def test_index_job_writes_an_index_the_service_and_evaluation_use(prepared):
+    tmp, data = prepared
+    folders = dict(input=str(tmp / "prepared"), embeddings=str(tmp / "embeddings"), model=str(tmp / "no-model"))
+    manifest = run_index(IndexConfig(**folders, output=str(tmp / "index"), threads=1))
+    assert manifest["items"] == data.items.num_rows and manifest["vectors"] == "text"
+    assert manifest["recall@10"] >= 0.95 and manifest["build_seconds"] > 0
+    assert storage.read_json(str(tmp / "index" / "manifest.json")) == manifest
+
+    recommender = load_recommender(data.items, str(tmp / "embeddings"))
+    two_stage = RetrievalConfig(mode="two_stage", index=str(tmp / "index"))
+    assert configured_retrieval(RetrievalConfig(index=str(tmp / "index")), recommender.index.item_ids,
+                                recommender.item_matrix()) is None  # auto: a small catalog scores every item
+    recommender.use_retrieval(two_stage)
+    assert recommender.retrieval.index.size == data.items.num_rows and not recommender.retrieval.fresh
+
+    # evaluation adds the two-stage line: on a catalog this small, the same ranks as scoring every item
+    report = run_evaluate(EvaluateConfig(**folders, output=str(tmp / "report-2"), workers=1, retrieval=two_stage))
+    exact, staged = report["methods"]["profilerec"], report["methods"]["profilerec (two-stage)"]
+    for name in exact:
+        if name != "MRR":
+            assert staged[name] == pytest.approx(exact[name])
+
+    # the index no longer fits the catalog or its vectors: one line that says what to run
+    other_order = data.items.take(np.arange(data.items.num_rows)[::-1])
+    with pytest.raises(DataError, match="another catalog: run `profilerec index`"):
+        load_recommender(other_order, str(tmp / "embeddings")).use_retrieval(two_stage)
+    changed = load_recommender(data.items, str(tmp / "embeddings"))
+    changed.index.vectors = changed.index.vectors[:, ::-1].copy()
+    with pytest.raises(DataError, match="other item vectors"):
+        changed.use_retrieval(two_stage)
+    with pytest.raises(ConfigError, match="setting retrieval.index: no index at"):
+        changed.use_retrieval(RetrievalConfig(mode="two_stage", index=str(tmp / "nowhere")))
+    with pytest.raises(ConfigError, match="setting retrieval.mode"):
+        changed.use_retrieval(RetrievalConfig(mode="fast"))

@@ -1,7 +1,12 @@
 """Item index: top-K with exclusions and filters, upserts."""
 
 import numpy as np
-from profilerec.model.index import ItemIndex
+import pyarrow as pa
+import pytest
+from profilerec.data.schema import ITEMS_SCHEMA
+from profilerec.data.vectors import vectors_to_arrow
+from profilerec.errors import DataError
+from profilerec.model.index import ItemIndex, index_from_tables
 
 
 def make_index():
@@ -35,3 +40,15 @@ def test_upsert_adds_new_rows_and_replaces_changed_items_in_place():
     assert index.meta("b") == {"brand": "New", "categories": ["x"], "title": "B2"}
     np.testing.assert_array_equal(index.vector("b"), [0, 0, 0, 1])
     assert index.vector("zzz") is None and index.row("zzz") == -1
+
+
+def test_index_from_tables_orders_vectors_by_the_catalog_and_names_items_without_one():
+    items = pa.Table.from_pylist([{"item_id": i, "title": i.upper(), "description": None, "brand": None,
+                                   "categories": [], "extra": None} for i in ("c", "a", "b")], schema=ITEMS_SCHEMA)
+    vectors = np.arange(12, dtype=np.float32).reshape(4, 3)
+    embeddings = pa.table({"item_id": ["a", "b", "c", "z"], "vector": vectors_to_arrow(vectors)})
+    index = index_from_tables(items, embeddings)
+    assert index.item_ids == ["c", "a", "b"] and index.titles == ["C", "A", "B"]
+    np.testing.assert_array_equal(index.vectors, vectors[[2, 0, 1]])
+    with pytest.raises(DataError, match=r"1 items have no embedding \(e.g. \['c'\]\)"):
+        index_from_tables(items, embeddings.slice(0, 2))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from profilerec.config import ScorerConfig
 from profilerec.data.schema import ITEMS_SCHEMA, Event
+from profilerec.model.ann import build_hnsw
 from profilerec.model.index import ItemIndex
 from profilerec.model.priors import item_priors
 from profilerec.model.profile import ProfileParams, ProfileState, apply_event
@@ -69,9 +70,13 @@ def _recommender(with_scorer: bool, popularity: float = 0.3) -> tuple[Recommende
 
 
 def _exact_and_two_stage(recommender: Recommender, states: list[ProfileState], nearest: int, popular: int = 50,
-                         **request) -> tuple[list, list]:
+                         search: str = "exact", **request) -> tuple[list, list]:
     exact = [recommender.recommend(s, **request) for s in states]
-    recommender.retrieval = Retrieval(ExactNearest(recommender.item_matrix()), nearest=nearest, popular=popular)
+    matrix = recommender.item_matrix()
+    index = ExactNearest(matrix) if search == "exact" else build_hnsw(matrix, 32, 80, 128, threads=1)
+    # hnsw: filters go through the index's own filtered search, as on a large catalog
+    recommender.retrieval = Retrieval(index, nearest=nearest, popular=popular,
+                                      exact_filtered=20_000 if search == "exact" else 0)
     two_stage = [recommender.recommend(s, **request) for s in states]
     recommender.retrieval = None
     return exact, two_stage
@@ -91,8 +96,9 @@ def served(request):
     return _recommender(request.param)
 
 
-def test_two_stage_returns_what_scoring_every_item_returns(served):
-    exact, two_stage = _exact_and_two_stage(*served, nearest=100, k=10)
+@pytest.mark.parametrize("search", ["exact", "hnsw"])
+def test_two_stage_returns_what_scoring_every_item_returns(served, search):
+    exact, two_stage = _exact_and_two_stage(*served, nearest=100, search=search, k=10)
     _same_answers(two_stage, exact)
     assert all(len(answer) == 10 for answer in two_stage)
 
@@ -126,9 +132,10 @@ def test_items_the_vector_search_misses_are_candidates_too(popularity, popular):
                                           {"brand": "nobody"}],
                          ids=["brand", "brand with fewer items than k", "category", "both", "exclude seen",
                               "no item"])
-def test_filters_and_exclusions_hold_as_in_the_full_ranking(served, request_args):
+@pytest.mark.parametrize("search", ["exact", "hnsw"])
+def test_filters_and_exclusions_hold_as_in_the_full_ranking(served, request_args, search):
     recommender, states = served
-    exact, two_stage = _exact_and_two_stage(recommender, states, nearest=100, k=10, **request_args)
+    exact, two_stage = _exact_and_two_stage(recommender, states, nearest=100, search=search, k=10, **request_args)
     _same_answers(two_stage, exact)
     index = recommender.index
     for state, answer in zip(states, two_stage):

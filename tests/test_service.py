@@ -24,12 +24,16 @@ APP = "svc"
 
 @pytest.fixture(scope="module")
 def service(tiny_work, tmp_path_factory, serve_url):
+    """The service with two-stage retrieval from tiny_work's index, with so few candidates that
+    they are a small part of the catalog (every item is scored in test_pipeline.py's service)."""
+    from profilerec.config import RetrievalConfig
     from profilerec.service.api import build_app
     from ray import serve
 
     state = tmp_path_factory.mktemp("serve_state")
     (state / "token").write_text(TOKEN)
-    cfg = serve_config(tiny_work, state, num_shards=2)
+    retrieval = RetrievalConfig(mode="two_stage", index=str(tiny_work / "index"), nearest=20, popular=5)
+    cfg = serve_config(tiny_work, state, num_shards=2, retrieval=retrieval)
     serve.run(build_app(cfg), name=APP, route_prefix="/")
     yield {"url": serve_url, "cfg": cfg}
     serve.delete(APP)
@@ -255,7 +259,7 @@ def test_profiles_built_event_by_event_in_the_service_equal_the_batch_job(servic
     # and what the service recommends is what the evaluated model gives for the batch-built profile,
     # scored by the ingress from the states the shards put on their boards (profile_board.py)
     recommender = load_serving_recommender(service["cfg"])
-    assert recommender.scorer is not None
+    assert recommender.scorer is not None and recommender.retrieval is not None
     board_reads = requests.get(f"{service['url']}/healthz", timeout=60).json()["replica_reads"]["board"]
     for user in users:
         expected = recommender.recommend(batch_states[user], k=5)

@@ -56,6 +56,18 @@ def test_evaluation_reports_baselines_and_refuses_a_split_the_scorer_learned(tin
         run_evaluate(EvaluateConfig(**{**cfg.__dict__, "split": "valid"}))
 
 
+def test_the_sampled_loss_trains_the_job_over_ray_train(tiny_work, tmp_path):
+    cfg = TrainConfig(input=str(tiny_work / "prepared"), embeddings=str(tiny_work / "embeddings"),
+                      output=str(tmp_path / "model"), epochs=2, patience=2, refit=False, loss="sampled",
+                      negatives=8, storage_path=str(tmp_path / "ray_train"))
+    manifest = run_train(cfg)
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2]
+    assert all(np.isfinite(h["train_loss"]) and "val_NDCG@10" in h for h in manifest["history"])
+    data = read_prepared(str(tiny_work / "prepared"))
+    trained = load_recommender(data.items, str(tiny_work / "embeddings"), model=str(tmp_path / "model"))
+    assert trained.scorer is not None and trained.scorer.trained_on == ["train"]
+
+
 def test_a_finished_run_resumes_from_its_checkpoint_without_training_again(tiny_work):
     first = _manifest(tiny_work)
     again = run_train(from_dict(TrainConfig, first["config"]))

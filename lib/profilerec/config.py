@@ -181,6 +181,17 @@ class TrainConfig:
     batch_size: int = setting(128, "training cases per step (per worker)")
     learning_rate: float = setting(3e-3, "AdamW learning rate")
     weight_decay: float = setting(0.0, "AdamW weight decay")
+    loss: str = setting(
+        "auto", "full: softmax over every item; sampled: the targets of the batch plus sampled negatives, "
+                "logQ-corrected; auto: sampled from `sampled_from` items on")
+    sampled_from: int = setting(
+        200_000, "loss auto: catalogs of at least this many items train with the sampled loss, smaller ones with "
+                 "the full softmax (the one the published quality figures were measured with)")
+    # a step projects the batch's window items anyway (up to batch_size x the profile's window rows,
+    # 128 x 20 at the defaults): 1024 draws stay below that cost, and the sampled loss's bias
+    # shrinks as the draws grow
+    negatives: int = setting(
+        1024, "sampled loss: negatives drawn per step (shared by the batch) besides the batch's own targets")
     train_splits: list[str] = setting(factory=lambda: ["train"], help="splits whose cases are trained on")
     eval_split: str = setting("valid", "split the epochs are chosen on")
     refit: bool = setting(True, "train again on the training splits + eval_split for the chosen epochs")
@@ -213,6 +224,41 @@ class BenchmarkConfig:
 
 
 @dataclass
+class IndexConfig:
+    """jobs/index.py: the nearest-neighbour index over the item vectors the scorer compares
+    profiles with (model/ann.py), from which two-stage recommendations take their candidates."""
+
+    input: str = setting(f"{DEFAULT_WORK_DIR}/prepared", "prepared folder (output of prepare): the catalog")
+    embeddings: str = setting(f"{DEFAULT_WORK_DIR}/embeddings", "embeddings folder (output of encode)")
+    model: str = setting(f"{DEFAULT_WORK_DIR}/model", "model folder (output of train); without a scorer, the "
+                                                      "index holds the text vectors")
+    output: str = setting(f"{DEFAULT_WORK_DIR}/index", "folder the index and its manifest are written to")
+    connectivity: int = setting(32, "HNSW graph: neighbours per item (more: better recall, more memory)")
+    expansion_add: int = setting(80, "HNSW build: candidates looked at per added item (more: better graph, "
+                                     "slower build)")
+    expansion_search: int = setting(128, "HNSW search: candidates looked at per query (more: better recall, "
+                                         "slower search); saved in the manifest for the service")
+    recall_queries: int = setting(1000, "queries the manifest's recall is measured on (against exact search)")
+    threads: Optional[int] = setting(None, "threads building the index; none: every core")
+
+
+RETRIEVAL_MODES = ("auto", "exact", "two_stage")
+
+
+@dataclass
+class RetrievalConfig:
+    """How a recommendation chooses the items it scores (model/retrieval.py): every item, or the
+    candidates from the nearest-neighbour index that `profilerec index` builds."""
+
+    mode: str = setting("auto", "exact: score every item; two_stage: score the candidates from the index; "
+                                "auto: two_stage from two_stage_from items on")
+    two_stage_from: int = setting(100_000, "catalog size from which auto scores candidates only")
+    index: str = setting(f"{DEFAULT_WORK_DIR}/index", "the nearest-neighbour index (output of index)")
+    nearest: int = setting(200, "candidates per profile from the index")
+    popular: int = setting(50, "the most popular items: candidates of every profile")
+
+
+@dataclass
 class ProfilesConfig:
     """jobs/profiles.py: every user's profile state built in batch from the event log."""
 
@@ -238,6 +284,9 @@ class EvaluateConfig:
     ks: list[int] = setting(factory=lambda: [3, 5, 10], help="cut-offs of HR@K and NDCG@K")
     max_cases: Optional[int] = setting(None, "score only the first this many cases; none: all")
     baselines: bool = setting(True, "also score popularity and the zero-shot profile")
+    two_stage: bool = setting(True, "also score with two-stage retrieval when retrieval.index holds an index: "
+                                    "what the candidates cost in quality")
+    retrieval: RetrievalConfig = setting(factory=RetrievalConfig, help="the two-stage line's candidates")
     workers: Optional[int] = setting(None, "processes replaying cases; none: one per core, 1: in this process")
 
 
@@ -251,6 +300,7 @@ class ServeConfig:
     profiles: Optional[str] = setting(
         f"{DEFAULT_WORK_DIR}/profiles", "popularity prior and batch-built states (output of profiles)")
     state_dir: str = setting(f"{DEFAULT_WORK_DIR}/serve_state", "write-ahead logs and snapshots of the shards")
+    retrieval: RetrievalConfig = setting(factory=RetrievalConfig, help="the items a recommendation scores")
     num_shards: int = setting(2, "profile shard actors")
     shard_num_cpus: float = setting(0.25, "CPUs Ray reserves per shard actor")
     snapshot_every: int = setting(50_000, "events per shard between snapshots")
@@ -289,6 +339,7 @@ class PipelineConfig:
     finetune: FinetuneConfig = setting(factory=lambda: FinetuneConfig(epochs=1, max_steps_per_epoch=40),
                                        help="the encoder fine-tune (with run_finetune)")
     train: TrainConfig = setting(factory=TrainConfig, help="the scorer training stage")
+    index: IndexConfig = setting(factory=IndexConfig, help="the nearest-neighbour index stage")
     evaluate: EvaluateConfig = setting(factory=EvaluateConfig, help="the evaluate stage")
     serve: ServeConfig = setting(factory=ServeConfig, help="the service")
     run_finetune: bool = setting(

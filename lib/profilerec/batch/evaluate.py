@@ -3,6 +3,8 @@
 For every case of the chosen split the profile is rebuilt from the case's history with
 profile.py (exactly as the service would hold it), all items are scored, and the rank of the
 target is recorded. Nothing is removed from the ranking (repeat consumption is a real target).
+When the index job's output is there, a "(two-stage)" line ranks the same cases as a service
+with two-stage retrieval answers them (its top 100; MRR counts a target below them as missed).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from profilerec.config import EvaluateConfig
 from profilerec.data import storage
 from profilerec.data.datasets import iter_user_events, read_prepared
 from profilerec.errors import ConfigError, DataError
+from profilerec.model.ann import index_exists
 from profilerec.model.priors import ItemPriors, item_priors, log_priors
 from profilerec.model.profile import ProfileParams
-from profilerec.model.ranking import case_ranks, popularity_ranks, ranking_metrics
+from profilerec.model.ranking import case_ranks, popularity_ranks, ranking_metrics, two_stage_ranks
 from profilerec.model.recommend import Recommender, load_profile_params, load_recommender
 from profilerec.model.replay import Case, hidden_event_ids, iter_cases, later_splits, user_sequences
 from profilerec.runtime.parallel import default_workers, map_chunks, worker_state
@@ -150,6 +153,10 @@ def _load_methods(cfg: EvaluateConfig, params: ProfileParams, items: pa.Table, m
             plain = replace(model, scorer=None)  # same index, vectors and priors
             methods.append(("zero-shot profile", lambda c: case_ranks(plain, c)))
     methods.append((cfg.method_name, lambda c: case_ranks(model, c)))
+    if cfg.two_stage and index_exists(cfg.retrieval.index):
+        two_stage = replace(model)  # same index, vectors, priors and scorer
+        two_stage.use_retrieval(replace(cfg.retrieval, mode="two_stage"))
+        methods.append((f"{cfg.method_name} (two-stage)", lambda c: two_stage_ranks(two_stage, c)))
     worker_state().update(methods=methods, split=cfg.split, max_history=max_history)
 
 

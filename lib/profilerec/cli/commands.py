@@ -23,6 +23,7 @@ from profilerec.config import (
     EncodeConfig,
     EvaluateConfig,
     FinetuneConfig,
+    IndexConfig,
     PipelineConfig,
     PrepareConfig,
     ProfilesConfig,
@@ -170,6 +171,15 @@ def train(cfg: TrainConfig) -> None:
     say(summaries.trained(manifest, cfg))
 
 
+def index(cfg: IndexConfig) -> None:
+    """The nearest-neighbour index two-stage recommendations take their candidates from."""
+    from profilerec.batch.index import run_index
+
+    with stage("index"):
+        manifest = run_index(cfg)
+    say(summaries.indexed(manifest, cfg.output))
+
+
 def profiles(cfg: ProfilesConfig) -> None:
     """Every user's profile from the whole log, plus the popularity prior."""
     from profilerec.batch.profiles import run_profiles
@@ -245,11 +255,26 @@ def check_finetune(cfg: FinetuneConfig, prefix: str = "", prepared: bool = True)
 
 def check_train(cfg: TrainConfig, prefix: str = "", inputs: bool = True) -> None:
     """The prepared data and embeddings (unless a workflow makes them first) and the splits."""
+    from profilerec.model.scorer import LOSSES
+
     _check_ray_train(cfg, prefix)
     checks.check_positive(cfg.epochs, f"{prefix}epochs")
+    if cfg.loss not in LOSSES:
+        raise ConfigError(f"setting {prefix}loss: {cfg.loss!r} is not a loss; choose one of {', '.join(LOSSES)}")
+    checks.check_positive(cfg.negatives, f"{prefix}negatives")
     if inputs:
         checks.check_prepared(cfg.input, f"{prefix}input")
         checks.check_embeddings(cfg.embeddings, f"{prefix}embeddings")
+
+
+def check_index(cfg: IndexConfig, prefix: str = "", inputs: bool = True) -> None:
+    """The prepared data, embeddings and model folder (unless a workflow makes them), the graph's sizes."""
+    for name in ("connectivity", "expansion_add", "expansion_search", "recall_queries", "threads"):
+        checks.check_positive(getattr(cfg, name), f"{prefix}{name}")
+    if inputs:
+        checks.check_prepared(cfg.input, f"{prefix}input")
+        checks.check_embeddings(cfg.embeddings, f"{prefix}embeddings")
+        checks.check_folder(cfg.model, f"{prefix}model", "model folder")
 
 
 def check_profiles(cfg: ProfilesConfig) -> None:
@@ -261,8 +286,11 @@ def check_profiles(cfg: ProfilesConfig) -> None:
 
 def check_evaluate(cfg: EvaluateConfig, prefix: str = "", inputs: bool = True) -> None:
     """The prepared data, embeddings and model folder (unless a workflow makes them) and the split."""
+    from profilerec.model.retrieval import check_retrieval
+
     checks.check_splits([cfg.split], f"{prefix}split")
     checks.check_positive(cfg.max_cases, f"{prefix}max_cases")
+    check_retrieval(cfg.retrieval, f"{prefix}retrieval.")
     if inputs:
         checks.check_prepared(cfg.input, f"{prefix}input")
         checks.check_embeddings(cfg.embeddings, f"{prefix}embeddings")
@@ -278,8 +306,12 @@ def check_pipeline(cfg: PipelineConfig) -> None:
     if cfg.run_finetune:
         check_finetune(cfg.finetune, "finetune.", prepared=False)
     check_train(cfg.train, "train.", inputs=False)
+    check_index(cfg.index, "index.", inputs=False)
     check_evaluate(cfg.evaluate, "evaluate.", inputs=False)
     if cfg.run_service:
+        from profilerec.model.retrieval import check_retrieval
+
+        check_retrieval(cfg.serve.retrieval, "serve.retrieval.")
         checks.check_port_free(cfg.serve.host, cfg.serve.port, "serve.port")
 
 
@@ -295,7 +327,7 @@ def check_benchmark(cfg: BenchmarkConfig) -> None:
 
 # the sections' locations and Ray settings, which the workflows set from work_dir and `ray`
 WORKFLOW_DERIVED = ("prepare.output", "*.input", "*.output", "*.embeddings", "*.model", "*.baseline_embeddings",
-                    "serve.prepared", "serve.profiles", "serve.state_dir", "*.ray.*")
+                    "serve.prepared", "serve.profiles", "serve.state_dir", "*.retrieval.index", "*.ray.*")
 # the source, and the text models to start from, are the user's to choose
 WORKFLOW_DERIVED_EXCEPT = ("prepare.input", "encode.model", "finetune.model")
 
@@ -314,6 +346,7 @@ JOBS: dict[str, Job] = {job.name: job for job in [
     Job("encode", EncodeConfig, encode, check_encode),
     Job("finetune", FinetuneConfig, finetune, check_finetune),
     Job("train", TrainConfig, train, check_train),
+    Job("index", IndexConfig, index, check_index),
     Job("profiles", ProfilesConfig, profiles, check_profiles),
     Job("evaluate", EvaluateConfig, evaluate, check_evaluate),
     Job("benchmark", BenchmarkConfig, benchmark, check_benchmark, _workflow_derived(BenchmarkConfig)),

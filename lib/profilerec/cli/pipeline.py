@@ -1,5 +1,5 @@
 """The main job: prepare -> encode -> [fine-tune the encoder -> encode again] -> train the profile
-scorer -> profiles -> evaluate -> serve.
+scorer -> index -> profiles -> evaluate -> serve.
 
 Every stage is the same library call its own job makes; this module only chains them over one
 work folder and, at the end, starts the service and shows a user's recommendations moving as
@@ -10,6 +10,7 @@ events arrive.
     <work_dir>/model              the trained profile scorer (model/scorer) and, with
                                   run_finetune, the fine-tuned encoder (model/encoder)
     <work_dir>/embeddings/model   item/text vectors of the fine-tuned encoder (run_finetune only)
+    <work_dir>/index              the nearest-neighbour index of two-stage retrieval
     <work_dir>/profiles           batch-built profile states + item priors
     <work_dir>/report             evaluation report (JSON, Markdown, PNG)
     <work_dir>/serve_state        the service's write-ahead logs and snapshots
@@ -26,6 +27,7 @@ from typing import Any, Optional
 
 from profilerec.batch.encode import run_encode
 from profilerec.batch.evaluate import report_markdown, run_evaluate
+from profilerec.batch.index import run_index
 from profilerec.batch.profiles import run_profiles
 from profilerec.cli import summaries
 from profilerec.cli.console import current, progress, say, stage, summary
@@ -45,6 +47,7 @@ def stage_configs(cfg: PipelineConfig) -> PipelineConfig:
     work = storage.absolute(cfg.work_dir)
     prepared, base, model = (storage.join(work, p) for p in ("prepared", "embeddings/base", "model"))
     model_emb, profiles = storage.join(work, "embeddings/model"), storage.join(work, "profiles")
+    index = storage.join(work, "index")
     embeddings = model_emb if cfg.run_finetune else base
     replace = dataclasses.replace
     return replace(
@@ -53,11 +56,12 @@ def stage_configs(cfg: PipelineConfig) -> PipelineConfig:
         encode=replace(cfg.encode, input=prepared, output=base, ray=cfg.ray),
         finetune=replace(cfg.finetune, input=prepared, output=model, ray=cfg.ray),
         train=replace(cfg.train, input=prepared, embeddings=embeddings, output=model, ray=cfg.ray),
+        index=replace(cfg.index, input=prepared, embeddings=embeddings, model=model, output=index),
         evaluate=replace(cfg.evaluate, input=prepared, embeddings=embeddings, model=model,
                          baseline_embeddings=base if cfg.run_finetune else None,
-                         output=storage.join(work, "report")),
-        serve=replace(cfg.serve, prepared=prepared, embeddings=embeddings,
-                      model=model, profiles=profiles, state_dir=storage.join(work, "serve_state")),
+                         output=storage.join(work, "report"), retrieval=replace(cfg.evaluate.retrieval, index=index)),
+        serve=replace(cfg.serve, prepared=prepared, embeddings=embeddings, model=model, profiles=profiles,
+                      state_dir=storage.join(work, "serve_state"), retrieval=replace(cfg.serve.retrieval, index=index)),
     )
 
 
@@ -85,6 +89,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     with stage("train profile scorer"):
         trained = run_train(cfg.train, progress=progress)
         say(f"  {summaries.trained(trained, cfg.train)}")
+    with stage("index"):
+        say("  " + summaries.indexed(run_index(cfg.index), cfg.index.output))
     with stage("profiles"):
         built = run_profiles(ProfilesConfig(input=cfg.prepare.output, embeddings=cfg.evaluate.embeddings,
                                             model=cfg.finetune.output, output=cfg.serve.profiles))

@@ -30,3 +30,9 @@ def finetuned(manifest: dict[str, Any], output: str) -> str:
     """The best epoch and its validation metrics, where the encoder is."""
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in manifest["metrics"].items() if k.startswith("val_"))
     return f"best epoch {manifest['best_epoch']} ({metrics}); encoder in {output}/encoder"
+
+
+def indexed(manifest: dict[str, Any], output: str) -> str:
+    """What the index holds, how long it took, its measured recall, where it is."""
+    return (f"HNSW index over {manifest['items']:,} {manifest['vectors']} vectors in {manifest['build_seconds']:.1f} s, "
+            f"recall@10 {manifest['recall@10']:.3f}, recall@100 {manifest['recall@100']:.3f} -> {output}")

@@ -12,6 +12,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+from profilerec.data.vectors import vectors_from_arrow
 from profilerec.errors import DataError
 
 
@@ -147,13 +149,14 @@ def _rows_by_value(column: list) -> dict[str, np.ndarray]:
 
 
 def index_from_tables(items: pa.Table, embeddings: pa.Table) -> ItemIndex:
-    """An index over every item of `items` that has a row in `embeddings` (item_id, vector)."""
-    vec_of = dict(zip(embeddings.column("item_id").to_pylist(), embeddings.column("vector").to_pylist()))
-    missing = [i for i in items.column("item_id").to_pylist() if i not in vec_of]
-    if missing:
-        raise DataError(
-            f"{len(missing)} items have no embedding (e.g. {missing[:3]}): run jobs/encode.py on these items"
-        )
-    cols = items.to_pydict()
-    vectors = np.asarray([vec_of[i] for i in cols["item_id"]], dtype=np.float32)
-    return ItemIndex(list(cols["item_id"]), vectors, cols["brand"], cols["categories"], cols["title"])
+    """An index over every item of `items`, with its vector from `embeddings` (item_id, vector).
+    Vectorised with Arrow: a million items take no Python object per vector."""
+    at = pc.index_in(items.column("item_id"), value_set=embeddings.column("item_id").combine_chunks())
+    missing = pc.is_null(at)
+    if pc.any(missing).as_py():
+        examples = items.column("item_id").filter(missing).slice(0, 3).to_pylist()
+        raise DataError(f"{pc.sum(missing).as_py()} items have no embedding (e.g. {examples}): run jobs/encode.py "
+                        f"on these items")
+    vectors = vectors_from_arrow(embeddings.column("vector"))[at.to_numpy(zero_copy_only=False)]
+    return ItemIndex(items.column("item_id").to_pylist(), vectors, items.column("brand").to_pylist(),
+                     items.column("categories").to_pylist(), items.column("title").to_pylist())

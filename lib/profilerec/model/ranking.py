@@ -36,20 +36,44 @@ def ranking_metrics(ranks: np.ndarray, ks: Iterable[int] = (3, 5, 10)) -> dict[s
     return out
 
 
-CHUNK = 1024  # cases scored at once: bounds memory to CHUNK x items floats
+SCORES_PER_CHUNK = 2**24  # cases x items scored at once: 64 MiB of float32 scores whatever the catalog
+TWO_STAGE_DEPTH = 100  # how far down a two-stage list is ranked
+
+
+def case_chunk(items: int) -> int:
+    """Cases scored at once against `items` items: memory stays bounded as the catalog grows."""
+    return max(1, min(1024, SCORES_PER_CHUNK // max(items, 1)))
 
 
 def case_ranks(recommender: Recommender, cases: Sequence[Case]) -> np.ndarray:
     """0-based rank of each case's target among all items (items unknown to the index rank last)."""
     targets = target_rows(cases, recommender.index.row)
     ranks = np.full(len(cases), len(recommender.index), dtype=np.int64)
-    for start in range(0, len(cases), CHUNK):
-        part = slice(start, start + CHUNK)
-        # states a chunk at a time too: memory stays at CHUNK profiles however many cases there are
+    chunk = case_chunk(len(recommender.index))
+    for start in range(0, len(cases), chunk):
+        part = slice(start, start + chunk)
+        # states a chunk at a time too: memory stays at a chunk of profiles however many cases there are
         states = case_states(cases[part], recommender.vector_of, recommender.params, recommender.index.meta)
         known = targets[part] >= 0
         scores = recommender.scores(states)
         ranks[part][known] = target_ranks(scores[known], targets[part][known])
+    return ranks
+
+
+def two_stage_ranks(recommender: Recommender, cases: Sequence[Case], depth: int = TWO_STAGE_DEPTH) -> np.ndarray:
+    """0-based rank of each case's target in the recommender's two-stage top-`depth` list (its
+    Retrieval's candidates, reranked), as the service would answer; a target not in the list
+    ranks last (so HR/NDCG@K for K <= depth are exact, MRR counts it as missed)."""
+    targets = target_rows(cases, recommender.index.row)
+    ranks = np.full(len(cases), len(recommender.index), dtype=np.int64)
+    for start in range(0, len(cases), 1024):
+        part = slice(start, start + 1024)
+        states = case_states(cases[part], recommender.vector_of, recommender.params, recommender.index.meta)
+        tops = recommender.two_stage_top(states, depth, [[] for _ in states])
+        for i, (rows, _) in enumerate(tops):
+            found = np.flatnonzero(rows == targets[part][i])
+            if targets[part][i] >= 0 and len(found):
+                ranks[start + i] = found[0]
     return ranks
 
 

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+from profilerec.config import RetrievalConfig
 from profilerec.data import storage
 from profilerec.data.schema import Event
 from profilerec.data.vectors import read_embeddings
@@ -21,7 +22,7 @@ from profilerec.model.encoder import text_hash
 from profilerec.model.index import ItemIndex, best_rows, index_from_tables
 from profilerec.model.priors import ItemPriors, empty_priors, grown_priors
 from profilerec.model.profile import ProfileParams, ProfileState, event_embedding, interest_vectors, zero_shot_query
-from profilerec.model.retrieval import Retrieval
+from profilerec.model.retrieval import Retrieval, configured_retrieval
 from profilerec.model.scorer import (
     SCORER_META,
     ProfileScorer,
@@ -189,6 +190,10 @@ class Recommender:
         if self.scorer is not None:
             return frozen_row_scores(self.scorer.frozen(), parts, rows)
         return parts.user @ self.index.vectors[rows].T
+
+    def use_retrieval(self, cfg: RetrievalConfig) -> None:
+        """Score candidates (two-stage) or every item from now on, as `cfg` says (retrieval.py)."""
+        self.retrieval = configured_retrieval(cfg, self.index.item_ids, self.item_matrix())
 
     def explain(self, state: ProfileState, item_id: str) -> dict[str, Any]:
         """Why `item_id` suits the profile: its similarity to the short- and long-term interests

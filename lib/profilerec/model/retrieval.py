@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 import numpy as np
+from profilerec.config import RETRIEVAL_MODES, RetrievalConfig
+from profilerec.errors import ConfigError
+from profilerec.model.ann import index_exists, read_index
 from profilerec.model.scorer import ScoreParts
 
 
@@ -79,6 +82,10 @@ class Retrieval:
     nearest: int = 200
     popular: int = 50
     fresh: set[int] = field(default_factory=set)  # rows added or changed since: searched exactly
+    exact_filtered: int = 20_000  # a filter allowing at most this many items is searched exactly
+
+    def __post_init__(self) -> None:
+        self._fresh_rows: Optional[np.ndarray] = None  # fresh_rows, made on first use
 
     def candidates(self, parts: ScoreParts, items: np.ndarray, popular_rows: np.ndarray,
                    allowed: Optional[np.ndarray] = None) -> list[np.ndarray]:
@@ -88,9 +95,13 @@ class Retrieval:
         rows, most popular first. A filter that leaves few items makes every one a candidate."""
         if allowed is not None and len(allowed) <= self.nearest + self.popular:
             return [allowed] * len(parts.user)
-        found = [self.index.search(parts.user, self.nearest, allowed)]
+        if allowed is not None and len(allowed) <= self.exact_filtered:
+            # a product with a few thousand vectors costs less than a graph walk that skips most items
+            found = [ExactNearest(items[allowed], allowed).search(parts.user, self.nearest)]
+        else:
+            found = [self.index.search(parts.user, self.nearest, allowed)]
         if self.fresh:
-            rows = np.fromiter(sorted(self.fresh), dtype=np.int64, count=len(self.fresh))
+            rows = self.fresh_rows()
             found.append(ExactNearest(items[rows], rows).search(parts.user, self.nearest, allowed))
         found = np.concatenate(found, axis=1)
         sparse = parts.rows if allowed is None else np.where(np.isin(parts.rows, allowed), parts.rows, -1)
@@ -103,3 +114,35 @@ class Retrieval:
     def changed(self, rows: list[int]) -> None:
         """Items at `rows` were added or got a new vector: search them exactly from now on."""
         self.fresh.update(rows)
+        self._fresh_rows = None
+
+    def fresh_rows(self) -> np.ndarray:
+        """The rows searched exactly, sorted (kept until the next change)."""
+        if self._fresh_rows is None:
+            self._fresh_rows = np.array(sorted(self.fresh), dtype=np.int64)
+        return self._fresh_rows
+
+
+def check_retrieval(cfg: RetrievalConfig, prefix: str = "retrieval.") -> None:
+    """ConfigError naming the setting when `cfg` cannot work."""
+    if cfg.mode not in RETRIEVAL_MODES:
+        raise ConfigError(f"setting {prefix}mode: {cfg.mode!r} is not one of {', '.join(RETRIEVAL_MODES)}")
+    for name in ("nearest", "two_stage_from"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"setting {prefix}{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.popular < 0:
+        raise ConfigError(f"setting {prefix}popular must be 0 or more, got {cfg.popular}")
+
+
+def configured_retrieval(cfg: RetrievalConfig, item_ids: list[str], matrix: np.ndarray) -> Optional[Retrieval]:
+    """The Retrieval `cfg` asks for over a catalog (`item_ids`, and `matrix`: the vectors the user
+    vectors are compared with), or None to score every item. Items after the index's rows (added
+    since it was built) are searched exactly."""
+    check_retrieval(cfg)
+    if cfg.mode == "exact" or (cfg.mode == "auto" and len(item_ids) < cfg.two_stage_from):
+        return None
+    if not index_exists(cfg.index):
+        raise ConfigError(f"setting retrieval.index: no index at {cfg.index}, and two-stage retrieval of "
+                          f"{len(item_ids)} items needs one: run `profilerec index` (or set retrieval.mode exact)")
+    index = read_index(cfg.index, item_ids, matrix)
+    return Retrieval(index, cfg.nearest, cfg.popular, fresh=set(range(index.size, len(item_ids))))

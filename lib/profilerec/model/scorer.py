@@ -13,7 +13,9 @@ vectors) into a score for every item. It adds, as logits on one scale:
   window item), by position, as log-counts and as conditional frequencies;
 - popularity: the log-count of each item.
 
-Every part is O(window) per user plus one matmul over the items. The module trains with torch
+Every part is O(window) per user plus one matmul over the items, or over a subset of them: the
+candidates of two-stage retrieval (retrieval.py; `frozen_row_scores`) and the sampled negatives of
+training on a large catalog (`forward(rows=...)`, `sampled_softmax_loss`). The module trains with torch
 (gradients, GPU); `ProfileScorer.predict` runs the same math in numpy on the frozen weights
 (`FrozenScorer`) for evaluation and serving, where a request scores one user and torch's
 per-operation overhead was most of its cost (`tests/test_model.py` holds both to the same
@@ -141,12 +143,14 @@ class ProfileScorer(nn.Module):
         self.register_buffer("item_vectors", vectors, persistent=False)
         self.set_priors(priors)
 
-    def item_matrix(self) -> torch.Tensor:
-        """[items, D] unit vectors the user vector is compared with."""
-        reps = self.proj(self.item_vectors)
-        if self.item_ids is not None:
-            reps = reps + self.item_ids.weight
-        return F.normalize(reps, dim=-1)
+    def item_matrix(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[items, D] unit vectors the user vector is compared with; [len(rows), D] those of `rows`
+        alone (what a step over a subset of a large catalog projects)."""
+        if rows is None:
+            reps = self.proj(self.item_vectors)
+            return F.normalize(reps + self.item_ids.weight if self.item_ids is not None else reps, dim=-1)
+        reps = self.proj(self.item_vectors[rows])
+        return F.normalize(reps + self.item_ids(rows) if self.item_ids is not None else reps, dim=-1)
 
     def train(self, mode: bool = True) -> "ProfileScorer":
         self._frozen = None  # the weights are about to change (or just did)
@@ -168,11 +172,14 @@ class ProfileScorer(nn.Module):
         return frozen_scores(self.frozen(), batch)
 
     def user_vectors(self, batch: ScorerBatch, items: torch.Tensor) -> torch.Tensor:
-        """[B, D] unit user vectors from the window and the interest vectors."""
+        """[B, D] unit user vectors from the window and the interest vectors (`items`: item_matrix())."""
+        return self._user_vectors(batch, items[batch.items.clamp(min=0)])
+
+    def _user_vectors(self, batch: ScorerBatch, window: torch.Tensor) -> torch.Tensor:
+        """user_vectors from `window`, the [B, W, D] unit vectors of the window's items."""
         p = self.params
-        rows = batch.items.clamp(min=0)
         # a disliked item (negative weight: a low rating) counts against its direction
-        slots = items[rows] * (torch.sign(batch.weights) * batch.mask)[..., None]  # [B, W, D]
+        slots = window * (torch.sign(batch.weights) * batch.mask)[..., None]  # [B, W, D]
         newest = slots[:, -1]
         parts = [newest]
         if p.attention:
@@ -194,34 +201,68 @@ class ProfileScorer(nn.Module):
         user = sum(w * v for w, v in zip(self.mix, parts))
         return F.normalize(self.drop(user), dim=-1)
 
-    def forward(self, batch: ScorerBatch, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[B, items] logits. In training, pass the `targets` whose own events are counted in the
-        priors: their counts are taken out again (leave-one-out), or the model would learn to
-        trust priors that already contain the answer."""
-        items = self.item_matrix()
-        logits = self.scale.exp() * self.user_vectors(batch, items) @ items.T
+    def forward(self, batch: ScorerBatch, targets: Optional[torch.Tensor] = None,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, items] logits, or [B, len(rows)] with `rows` (distinct item rows shared by the batch):
+        the same logits as `forward(batch, targets)[:, rows]`, at a cost that grows with the batch,
+        its window and the rows, not with the catalog (only those items are projected).
+
+        In training, pass the `targets` whose own events are counted in the priors: their counts
+        are taken out again (leave-one-out), or the model would learn to trust priors that already
+        contain the answer."""
+        window_rows = batch.items.clamp(min=0)
+        if rows is None:
+            columns = self.item_matrix()
+            window = columns[window_rows]
+            popularity = self.popularity
+        else:
+            # each needed item projected once, whether a column, a window item or both
+            needed, inverse = torch.unique(torch.cat([rows, window_rows.flatten()]), return_inverse=True)
+            vectors = self.item_matrix(needed)
+            columns, window = vectors[inverse[: len(rows)]], vectors[inverse[len(rows):]].view(*window_rows.shape, -1)
+            popularity = self.popularity[rows]
+        logits = self.scale.exp() * self._user_vectors(batch, window) @ columns.T
         if self.params.popularity:
-            pop = self.popularity[None, :].expand(len(logits), -1)
+            pop = popularity[None, :].expand(len(logits), -1)
             if targets is not None:
-                pop = pop.index_put((torch.arange(len(targets), device=pop.device), targets),
-                                    torch.full_like(targets, -1.0, dtype=pop.dtype), accumulate=True)
+                at, ones = self._on_columns(rows, torch.arange(len(targets), device=pop.device), targets,
+                                            torch.full_like(targets, -1.0, dtype=pop.dtype))
+                pop = pop.index_put(at, ones, accumulate=True)
             logits = logits + self.pop * torch.log1p(pop.clamp(min=0))
         b_idx, p_idx = torch.nonzero(batch.mask, as_tuple=True)
-        rows = batch.items[b_idx, p_idx]
+        slot_rows = batch.items[b_idx, p_idx]
         pos = batch.positions[b_idx, p_idx]
+        terms = []  # sparse terms as (profile, item row, value)
         if self.params.repeat:
-            logits = logits.index_put((b_idx, rows), self.repeat[pos], accumulate=True)
-        if self.params.transitions and len(rows):
-            logits = self._add_transitions(logits, b_idx, rows, pos, targets)
+            terms.append((b_idx, slot_rows, self.repeat[pos]))
+        if self.params.transitions and len(slot_rows):
+            terms.append(self._transition_terms(b_idx, slot_rows, pos, targets))
+        for term in terms:
+            logits = logits.index_put(*self._on_columns(rows, *term), accumulate=True)
         return logits
 
-    def _add_transitions(self, logits, b_idx, rows, pos, targets):
+    @staticmethod
+    def _on_columns(rows: Optional[torch.Tensor], b_idx: torch.Tensor, items: torch.Tensor,
+                    values: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Sparse terms (profile, item row, value) as index_put's (profile, column) and values: the
+        column is the item row itself over every item, its place in `rows` over a subset (terms on
+        items that are not columns are dropped)."""
+        if rows is None:
+            return (b_idx, items), values
+        if not len(rows):
+            none = torch.zeros(0, dtype=torch.int64, device=items.device)
+            return (none, none), values[:0]
+        ordered, order = torch.sort(rows)
+        at = torch.searchsorted(ordered, items).clamp(max=len(rows) - 1)
+        hit = ordered[at] == items
+        return (b_idx[hit], order[at[hit]]), values[hit]
+
+    def _transition_terms(self, b_idx, rows, pos, targets):
+        """(profile, item row, value) of the transitions from each window item."""
         # gather the CSR rows of the window items without densifying the item-item matrix
         starts, ends = self.t_indptr[rows], self.t_indptr[rows + 1]
         lengths = ends - starts
         total = int(lengths.sum())
-        if total == 0:
-            return logits
         slot = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), lengths)
         offset = torch.arange(total, device=rows.device) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
         nz = starts[slot] + offset
@@ -233,7 +274,7 @@ class ProfileScorer(nn.Module):
             counts, totals = (counts - own).clamp(min=0), (totals - own).clamp(min=0)
         feats = torch.stack([torch.log1p(counts), counts / totals.clamp(min=1.0)], dim=-1)
         values = (feats * self.trans[pos[slot]]).sum(-1)
-        return logits.index_put((b_idx[slot], self.t_indices[nz]), values, accumulate=True)
+        return b_idx[slot], self.t_indices[nz], values
 
 
 @dataclass(frozen=True)
@@ -383,9 +424,39 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+# the scorer's training losses (TrainConfig.loss): auto picks one by the catalog's size
+LOSSES = ("auto", "full", "sampled")
+
+
 def full_softmax_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the target against every item (the ranking task itself)."""
     return F.cross_entropy(logits, targets)
+
+
+def sampled_softmax_loss(logits: torch.Tensor, labels: torch.Tensor, candidates: torch.Tensor,
+                         targets: torch.Tensor, log_expected: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross-entropy of each case's target against sampled candidates: an estimate of
+    full_softmax_loss whose cost grows with the candidates, not with the catalog.
+
+    `logits` [B, C] are the scores of the `candidates` [C] (item rows; a row drawn twice is two
+    columns), `labels` [B] the column of each case's target, `targets` [B] its item row. Every
+    other column is a negative draw for the case, except those whose row is the case's target
+    (an accidental hit: a sampled row, or another case with the same target), which are removed:
+    the target counts only as itself.
+
+    `log_expected` [C] is log m_c, m_c the expected number of times row c is among a case's
+    negative draws. Each negative's logit gets it subtracted (the logQ correction, Yi et al. 2019,
+    as in Bengio and Senecal's importance-sampled softmax): the sum of exp(s_c - log m_c) over the
+    negative draws is then an unbiased estimate of the sum of exp(s_c) over every item c but the
+    target, the rest of the full softmax's partition. The target's own column is not corrected:
+    it is a candidate by construction, not by a draw, and its term of the partition is exact.
+    With every item once as the candidates and no correction, this is full_softmax_loss.
+    """
+    own = torch.arange(len(candidates), device=logits.device)[None, :] == labels[:, None]
+    if log_expected is not None:
+        logits = logits - torch.where(own, torch.zeros_like(logits), log_expected[None, :].to(logits.dtype))
+    hits = (candidates[None, :] == targets[:, None]) & ~own
+    return F.cross_entropy(logits.masked_fill(hits, float("-inf")), labels)
 
 
 def contrastive_loss(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,

@@ -37,6 +37,7 @@ from profilerec.data.schema import (
 )
 from profilerec.errors import ShardRetired, StorageUnavailable, ValidationError
 from profilerec.model.encoder import TextEncoder, text_hash
+from profilerec.model.retrieval import check_retrieval
 from profilerec.service.auth import api_token, check_bearer
 from profilerec.service.learned import ITEMS_LOG, TEXTS_LOG
 from profilerec.service.pseudonym import pseudonym
@@ -405,8 +406,10 @@ class Ingress:
 def serving_config(cfg: ServeConfig) -> ServeConfig:
     """`cfg` with its local paths made absolute, as the replicas and actors get it (they run in
     other directories)."""
+    check_retrieval(cfg.retrieval)
     paths = ("prepared", "embeddings", "model", "profiles", "state_dir", "token_file")
-    return dataclasses.replace(cfg, **{p: storage.absolute(getattr(cfg, p)) for p in paths})
+    retrieval = dataclasses.replace(cfg.retrieval, index=storage.absolute(cfg.retrieval.index))
+    return dataclasses.replace(cfg, retrieval=retrieval, **{p: storage.absolute(getattr(cfg, p)) for p in paths})
 
 
 def build_app(cfg: ServeConfig, **ingress_options: Any):

@@ -57,6 +57,7 @@ def load_serving_recommender(cfg: ServeConfig, learned: Optional[dict[str, Vecto
     recommender = load_recommender(items, cfg.embeddings, load_profile_params(cfg.model), model=cfg.model)
     if cfg.profiles:
         recommender.set_priors(read_priors(cfg.profiles, recommender.index))
+    recommender.use_retrieval(cfg.retrieval)  # first: items learned below count as changed since the index
     apply_learned(recommender, learned or serving_logs(cfg))
     return recommender
 

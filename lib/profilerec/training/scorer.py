@@ -24,7 +24,7 @@ import torch
 from profilerec.config import ScorerConfig, TrainConfig, from_dict, to_dict
 from profilerec.data import storage
 from profilerec.data.datasets import read_prepared
-from profilerec.errors import DataError
+from profilerec.errors import ConfigError, DataError
 from profilerec.model.priors import ItemPriors, item_priors
 from profilerec.model.profile import ProfileParams
 from profilerec.model.ranking import ranking_metrics, target_ranks
@@ -38,7 +38,15 @@ from profilerec.model.replay import (
     target_rows,
     user_sequences,
 )
-from profilerec.model.scorer import ProfileScorer, ScorerBatch, full_softmax_loss, save_scorer, scorer_batch
+from profilerec.model.scorer import (
+    LOSSES,
+    ProfileScorer,
+    ScorerBatch,
+    full_softmax_loss,
+    sampled_softmax_loss,
+    save_scorer,
+    scorer_batch,
+)
 from profilerec.runtime.cluster import ProgressFn
 from profilerec.training.harness import TRAIN_STATE, fit_on_ray_train, read_metrics, report_progress, worker_threads
 
@@ -71,23 +79,101 @@ def case_tensors(recommender: Recommender, cases: Sequence[Case], scorer_params:
     return CaseTensors(batch, torch.as_tensor(targets[keep], dtype=torch.int64))
 
 
+def training_loss(num_items: int, cfg: TrainConfig) -> str:
+    """The loss `cfg` trains with over a catalog of `num_items`: "full" or "sampled"."""
+    if cfg.loss not in LOSSES:
+        raise ConfigError(f"setting loss: {cfg.loss!r} is not a loss; choose one of {', '.join(LOSSES)}")
+    if cfg.loss == "auto":
+        return "sampled" if num_items >= cfg.sampled_from else "full"
+    return cfg.loss
+
+
+# the proposal q of the sampled negatives: this share uniform over the catalog, the rest by
+# popularity ** POPULARITY_POWER. The uniform part keeps every item, never-touched ones too, a
+# possible negative; the popularity part spends draws where the logged mass is, flattened (as
+# word2vec's negatives are) so the head does not take every draw: the batch's own targets are
+# already negatives drawn by plain popularity.
+UNIFORM_SHARE = 0.5
+POPULARITY_POWER = 0.75
+
+
+class NegativeSampler:
+    """A step's candidates for sampled_softmax_loss: the batch's targets, then `negatives` rows
+    drawn with replacement from the proposal q (UNIFORM_SHARE, POPULARITY_POWER), with log m_c,
+    the expected number of times row c is among a case's negative draws:
+
+        m_c = (B - 1) * n_c / (cases - 1) + negatives * q_c
+
+    The first term is the in-batch part: a case's batch mates are B - 1 cases drawn without
+    replacement from the other cases of the epoch's shuffled data, n_c of which have target c
+    (c is never the case's own target there: those columns are masked as accidental hits). The
+    second is the sampled part. Building the sampler is O(items), once per epoch; a step draws
+    by binary search in q's cumulative sum, O(negatives * log(items)).
+    """
+
+    def __init__(self, popularity: torch.Tensor, targets: torch.Tensor, num_items: int):
+        popularity = popularity.detach().cpu().double().clamp(min=0) ** POPULARITY_POWER
+        total = float(popularity.sum())
+        self.popular = popularity / total if total > 0 else torch.full((num_items,), 1.0 / num_items,
+                                                                        dtype=torch.float64)
+        self.cumulative = torch.cumsum(self.popular, 0)
+        self.target_counts = torch.bincount(targets.cpu(), minlength=num_items).double()
+        self.cases = len(targets)
+        self.num_items = num_items
+
+    def proposal(self, rows: torch.Tensor) -> torch.Tensor:
+        """q of `rows`: the probability of one draw being each of them."""
+        return UNIFORM_SHARE / self.num_items + (1.0 - UNIFORM_SHARE) * self.popular[rows]
+
+    def draw(self, negatives: int, generator: torch.Generator) -> torch.Tensor:
+        """`negatives` rows drawn independently from q."""
+        uniform = torch.rand(negatives, generator=generator, dtype=torch.float64) < UNIFORM_SHARE
+        anywhere = torch.randint(self.num_items, (negatives,), generator=generator)
+        mass = torch.rand(negatives, generator=generator, dtype=torch.float64) * self.cumulative[-1]
+        popular = torch.searchsorted(self.cumulative, mass, right=True).clamp(max=self.num_items - 1)
+        return torch.where(uniform, anywhere, popular)
+
+    def candidates(self, targets: torch.Tensor, negatives: int, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(candidate rows [B + negatives], label column of each case [B], log m_c per column)."""
+        rows = torch.cat([targets.cpu(), self.draw(negatives, generator)])
+        in_batch = (len(targets) - 1) * self.target_counts[rows] / max(self.cases - 1, 1)
+        expected = in_batch + negatives * self.proposal(rows)
+        return rows, torch.arange(len(targets)), torch.log(expected).float()
+
+
 def train_epoch(model: ProfileScorer, optimizer: torch.optim.Optimizer, data: CaseTensors, batch_size: int,
-                generator: torch.Generator, scheduler=None, device: Any = "cpu") -> float:
-    """One pass over `data` in a random order; returns the mean loss."""
+                generator: torch.Generator, scheduler=None, device: Any = "cpu", loss: str = "full",
+                negatives: int = 1024) -> float:
+    """One pass over `data` in a random order with the `loss` training_loss names (sampled:
+    `negatives` per step); returns the mean loss."""
+    if loss not in ("full", "sampled"):
+        raise ValueError(f"train_epoch trains with the full or the sampled loss, not {loss!r}")
     model.train()
     order = torch.randperm(len(data), generator=generator)
+    sampler = None
+    if loss == "sampled":
+        scorer = getattr(model, "module", model)  # under DistributedDataParallel
+        sampler = NegativeSampler(scorer.popularity, data.targets, len(scorer.item_vectors))
     losses = []
     for start in range(0, len(order), batch_size):
         batch, targets = data.take(order[start : start + batch_size])
-        targets = targets.to(device)
-        loss = full_softmax_loss(model(batch.to(device), targets), targets)
+        batch, targets = batch.to(device), targets.to(device)
+        if sampler is None:
+            value = full_softmax_loss(model(batch, targets), targets)
+        else:
+            candidates, labels, log_expected = (t.to(device) for t in sampler.candidates(targets, negatives, generator))
+            # the forward scores each distinct row once; repeated draws are repeated columns
+            rows, columns = torch.unique(candidates, return_inverse=True)
+            logits = model(batch, targets, rows=rows)[:, columns]
+            value = sampled_softmax_loss(logits, labels, candidates, targets, log_expected)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(value.detach()))
     return float(np.mean(losses)) if losses else float("nan")
 
 
@@ -175,6 +261,8 @@ def train_loop(config: dict[str, Any]) -> None:
             progress = torch.load(os.path.join(folder, TRAIN_STATE), weights_only=False)
         log.info("resuming from the checkpoint after phase %d epoch %d", progress["phase"], progress["epoch"])
 
+    loss = training_loss(len(index), cfg)
+    log.info("training with the %s softmax over %d items", loss, len(index))
     for number, (phase, splits, hidden_from) in enumerate(phases(cfg)):
         if number < progress["phase"]:
             continue
@@ -204,10 +292,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 break
             started = time.perf_counter()
             generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-            loss = train_epoch(wrapped, optimizer, shard, cfg.batch_size, generator, device=device)
+            train_loss = train_epoch(wrapped, optimizer, shard, cfg.batch_size, generator, device=device, loss=loss,
+                                     negatives=cfg.negatives)
             seconds = time.perf_counter() - started
             # the workers step in lockstep: every worker's cases count towards the rate
-            report = {"phase": phase, "epoch": epoch + 1, "train_loss": loss, "cases": len(train_data),
+            report = {"phase": phase, "epoch": epoch + 1, "train_loss": train_loss, "cases": len(train_data),
                       "seconds": round(seconds, 1), "samples_per_s": round(world * len(shard) / seconds, 1)}
             if phase == "select":
                 metrics = model_metrics(model, eval_data, dropped=len(eval_cases) - len(eval_data),
