@@ -7,7 +7,7 @@ import pytest
 import torch
 from profilerec.config import ScorerConfig
 from profilerec.data.schema import ITEMS_SCHEMA, Event
-from profilerec.model.ann import build_hnsw
+from profilerec.model.ann import build_ivf
 from profilerec.model.index import ItemIndex
 from profilerec.model.priors import item_priors
 from profilerec.model.profile import ProfileParams, ProfileState, apply_event
@@ -73,8 +73,8 @@ def _exact_and_two_stage(recommender: Recommender, states: list[ProfileState], n
                          search: str = "exact", **request) -> tuple[list, list]:
     exact = [recommender.recommend(s, **request) for s in states]
     matrix = recommender.item_matrix()
-    index = ExactNearest(matrix) if search == "exact" else build_hnsw(matrix, 32, 80, 128, threads=1)
-    # hnsw: filters go through the index's own filtered search, as on a large catalog
+    index = ExactNearest(matrix) if search == "exact" else build_ivf(matrix, probes=24, threads=1)
+    # ivf: filters go through the index's own filtered search, as on a large catalog
     recommender.retrieval = Retrieval(index, nearest=nearest, popular=popular,
                                       exact_filtered=20_000 if search == "exact" else 0)
     two_stage = [recommender.recommend(s, **request) for s in states]
@@ -96,7 +96,7 @@ def served(request):
     return _recommender(request.param)
 
 
-@pytest.mark.parametrize("search", ["exact", "hnsw"])
+@pytest.mark.parametrize("search", ["exact", "ivf"])
 def test_two_stage_returns_what_scoring_every_item_returns(served, search):
     exact, two_stage = _exact_and_two_stage(*served, nearest=100, search=search, k=10)
     _same_answers(two_stage, exact)
@@ -132,7 +132,7 @@ def test_items_the_vector_search_misses_are_candidates_too(popularity, popular):
                                           {"brand": "nobody"}],
                          ids=["brand", "brand with fewer items than k", "category", "both", "exclude seen",
                               "no item"])
-@pytest.mark.parametrize("search", ["exact", "hnsw"])
+@pytest.mark.parametrize("search", ["exact", "ivf"])
 def test_filters_and_exclusions_hold_as_in_the_full_ranking(served, request_args, search):
     recommender, states = served
     exact, two_stage = _exact_and_two_stage(recommender, states, nearest=100, search=search, k=10, **request_args)

@@ -225,20 +225,19 @@ class BenchmarkConfig:
 
 @dataclass
 class IndexConfig:
-    """jobs/index.py: the nearest-neighbour index over the item vectors the scorer compares
-    profiles with (model/ann.py), from which two-stage recommendations take their candidates."""
+    """jobs/index.py: the nearest-neighbour index (IVF, model/ann.py) over the item vectors the
+    scorer compares profiles with, from which two-stage recommendations take their candidates."""
 
     input: str = setting(f"{DEFAULT_WORK_DIR}/prepared", "prepared folder (output of prepare): the catalog")
     embeddings: str = setting(f"{DEFAULT_WORK_DIR}/embeddings", "embeddings folder (output of encode)")
     model: str = setting(f"{DEFAULT_WORK_DIR}/model", "model folder (output of train); without a scorer, the "
                                                       "index holds the text vectors")
     output: str = setting(f"{DEFAULT_WORK_DIR}/index", "folder the index and its manifest are written to")
-    connectivity: int = setting(32, "HNSW graph: neighbours per item (more: better recall, more memory)")
-    expansion_add: int = setting(80, "HNSW build: candidates looked at per added item (more: better graph, "
-                                     "slower build)")
-    expansion_search: int = setting(128, "HNSW search: candidates looked at per query (more: better recall, "
-                                         "slower search); saved in the manifest for the service")
-    recall_queries: int = setting(1000, "queries the manifest's recall is measured on (against exact search)")
+    lists: Optional[int] = setting(None, "clusters the vectors are split into; none: about 4 sqrt(items)")
+    probes: Optional[int] = setting(None, "clusters a search scans (more: better recall, slower); none: the "
+                                          "fewest that reach target_recall on the sample queries")
+    target_recall: float = setting(0.95, "recall@100 against exact search that the chosen probes must reach")
+    recall_queries: int = setting(1000, "user-like queries recall is measured on (against exact search)")
     threads: Optional[int] = setting(None, "threads building the index; none: every core")
 
 

@@ -268,9 +268,11 @@ def check_train(cfg: TrainConfig, prefix: str = "", inputs: bool = True) -> None
 
 
 def check_index(cfg: IndexConfig, prefix: str = "", inputs: bool = True) -> None:
-    """The prepared data, embeddings and model folder (unless a workflow makes them), the graph's sizes."""
-    for name in ("connectivity", "expansion_add", "expansion_search", "recall_queries", "threads"):
+    """The prepared data, embeddings and model folder (unless a workflow makes them), the index's sizes."""
+    for name in ("lists", "probes", "recall_queries", "threads"):
         checks.check_positive(getattr(cfg, name), f"{prefix}{name}")
+    if not 0 < cfg.target_recall <= 1:
+        raise ConfigError(f"setting {prefix}target_recall must be in (0, 1], got {cfg.target_recall}")
     if inputs:
         checks.check_prepared(cfg.input, f"{prefix}input")
         checks.check_embeddings(cfg.embeddings, f"{prefix}embeddings")

@@ -34,5 +34,6 @@ def finetuned(manifest: dict[str, Any], output: str) -> str:
 
 def indexed(manifest: dict[str, Any], output: str) -> str:
     """What the index holds, how long it took, its measured recall, where it is."""
-    return (f"HNSW index over {manifest['items']:,} {manifest['vectors']} vectors in {manifest['build_seconds']:.1f} s, "
-            f"recall@10 {manifest['recall@10']:.3f}, recall@100 {manifest['recall@100']:.3f} -> {output}")
+    return (f"IVF index over {manifest['items']:,} {manifest['vectors']} vectors in {manifest['build_seconds']:.1f} s: "
+            f"{manifest['probes']} of {manifest['lists']} clusters scanned, recall@10 {manifest['recall@10']:.3f}, "
+            f"recall@100 {manifest['recall@100']:.3f} -> {output}")

@@ -1,19 +1,24 @@
-"""The nearest-neighbour index over item vectors: an HNSW graph of faiss (faiss-cpu), by inner product.
+"""The nearest-neighbour index over item vectors: an inverted-file index of faiss (IVF-Flat,
+faiss-cpu), by inner product.
 
-`profilerec index` builds it over the vectors the scorer compares user vectors with and writes it
-to a folder with the item ids of its rows, a sample of the vectors it was built from (so a server
-can tell that the model changed since) and a manifest. A server opens the file memory-mapped,
-vectors and graph: they stay in the page cache, shared by every process of the node that opens
-the same file.
+The vectors are split into `lists` clusters (spherical k-means on a sample); a search compares the
+query with the cluster centres and scans the `probes` nearest clusters exactly. `profilerec index`
+builds it over the vectors the scorer compares user vectors with, chooses `probes` by measuring
+recall on a sample of user-like queries, and writes it to a folder with the item ids of its rows,
+a sample of the vectors it was built from (so a server can tell that the model changed since) and
+a manifest. A server opens the file memory-mapped: the vectors stay in the page cache, shared by
+every process of the node that opens the same file.
 
-faiss is the field's standard; the choice against usearch (and why not hnswlib) is measured by
-bench/ann_choice.py, see docs/benchmarks.md. What decided it: a search can be restricted to a set
-of rows (brand and category filters search among the allowed items instead of filtering a longer
-list), and the file opens memory-mapped.
+Why this index, of faiss, against faiss's HNSW graph and usearch's (hnswlib has no wheel here):
+bench/ann_choice.py, figures in docs/benchmarks.md. On catalogs grown from real item embeddings,
+dense clusters of near-duplicates, a graph's recall fell as the catalog grew to a million items
+where the clusters' scan kept it; a filtered search only skips rows while scanning, where a graph
+walk through disallowed items loses its way; and the file opens memory-mapped.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -31,51 +36,64 @@ from profilerec.errors import DataError
 
 INDEX_FILE = "items.faiss"
 IDS_FILE = "item_ids.parquet"
-SAMPLE_FILE = "sample.npy"  # rows of the vectors the index was built from, at SAMPLE_ROWS
+SAMPLE_FILE = "sample.npy"  # rows of the vectors the index was built from, at sample_rows()
 MANIFEST_FILE = "manifest.json"
 SAMPLE_SIZE = 1000
-MAX_FILTERED_BREADTH = 4096  # the most candidates a filtered search looks at (retrieval.py searches
-# a small allowed set exactly instead)
+TRAINING_POINTS_PER_LIST = 64  # k-means sample: enough per cluster for stable centres
 
 
 @dataclass
-class HnswIndex:
-    """An HNSW index over item rows [0, size), searched by inner product (retrieval.NearestItems)."""
+class IvfIndex:
+    """An IVF index over item rows [0, size), searched by inner product (retrieval.NearestItems)."""
 
-    index: Any  # faiss.IndexHNSWFlat
-    expansion_search: int
+    index: Any  # faiss.IndexIVFFlat
+    probes: int
 
     @property
     def size(self) -> int:
         """Rows indexed."""
         return int(self.index.ntotal)
 
-    def search(self, queries: np.ndarray, n: int, allowed: Optional[np.ndarray] = None) -> np.ndarray:
+    def search(self, queries: np.ndarray, n: int, allowed: Optional[np.ndarray] = None,
+               probes: Optional[int] = None) -> np.ndarray:
         """[B, n] rows by decreasing inner product, among the `allowed` rows when given; -1 where
-        the search found fewer."""
-        # the graph search keeps at least n candidates whatever efSearch says
-        breadth = max(self.expansion_search, n)
-        params = faiss.SearchParametersHNSW(efSearch=breadth)
+        the scanned clusters held fewer. `probes` overrides the index's own."""
+        probes = probes or self.probes
+        params = faiss.SearchParametersIVF(nprobe=probes)
         if allowed is not None:
-            # the graph is walked through disallowed items too: look at as many more as they dilute
-            # the allowed ones, or a selective filter finds fewer of its nearest items
-            share = max(len(allowed) / max(self.size, 1), 1e-6)
-            breadth = int(min(breadth / share, MAX_FILTERED_BREADTH))
+            # a cluster holds allowed items in proportion to the filter's share: scan as many more
+            # clusters, or a selective filter finds fewer of its nearest items
+            share = max(len(allowed) / max(self.size, 1), 1e-9)
+            wider = min(self.index.nlist, math.ceil(probes / share))
             selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
-            params = faiss.SearchParametersHNSW(efSearch=breadth, sel=selector)
+            params = faiss.SearchParametersIVF(nprobe=wider, sel=selector)
         _, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), n, params=params)
         return rows.astype(np.int64, copy=False)
 
 
-def build_hnsw(vectors: np.ndarray, connectivity: int, expansion_add: int, expansion_search: int,
-               threads: Optional[int] = None) -> HnswIndex:
-    """An HNSW index over `vectors` ([items, D] float32; row i = item row i)."""
+def default_lists(n: int) -> int:
+    """Clusters for `n` vectors: about 4 sqrt(n) (faiss's guideline), and no more than leave each
+    its k-means sample."""
+    return max(1, min(int(round(4 * math.sqrt(n))), n // TRAINING_POINTS_PER_LIST))
+
+
+def build_ivf(vectors: np.ndarray, lists: Optional[int] = None, probes: int = 32,
+              threads: Optional[int] = None, seed: int = 0) -> IvfIndex:
+    """An IVF index over `vectors` ([items, D] float32; row i = item row i) with `lists` clusters
+    (default_lists when None), searching `probes` of them."""
     if threads:
         faiss.omp_set_num_threads(threads)
-    index = faiss.IndexHNSWFlat(vectors.shape[1], connectivity, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = expansion_add
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return HnswIndex(index, expansion_search)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    lists = lists or default_lists(len(vectors))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(vectors.shape[1]), vectors.shape[1], lists,
+                               faiss.METRIC_INNER_PRODUCT)
+    index.cp.spherical = True  # unit vectors compared by inner product: unit centres
+    index.cp.seed = seed
+    sample = np.random.default_rng(seed).choice(len(vectors), min(len(vectors), TRAINING_POINTS_PER_LIST * lists),
+                                                replace=False)
+    index.train(vectors[np.sort(sample)])
+    index.add(vectors)
+    return IvfIndex(index, min(probes, lists))
 
 
 def sample_rows(n: int) -> np.ndarray:
@@ -83,13 +101,13 @@ def sample_rows(n: int) -> np.ndarray:
     return np.unique(np.linspace(0, max(n - 1, 0), min(n, SAMPLE_SIZE)).astype(np.int64))
 
 
-def write_index(index: HnswIndex, folder: str, item_ids: list[str], vectors: np.ndarray,
+def write_index(index: IvfIndex, folder: str, item_ids: list[str], vectors: np.ndarray,
                 manifest: dict[str, Any]) -> dict[str, Any]:
     """The index, its rows' item ids, a sample of `vectors` and the manifest in `folder` (a path or
     a bucket URI); returns the manifest written. The manifest goes in last, so a server never
     opens half an index, and names the build, so a server's local copy of a bucket's index is
     never a stale one."""
-    manifest = {**manifest, "expansion_search": index.expansion_search, "build_id": uuid.uuid4().hex}
+    manifest = {**manifest, "lists": int(index.index.nlist), "probes": index.probes, "build_id": uuid.uuid4().hex}
     local = storage.local_dir(folder) if not storage.is_uri(folder) else tempfile.mkdtemp(prefix="profilerec-index-")
     os.makedirs(local, exist_ok=True)
     files = {INDEX_FILE: lambda path: faiss.write_index(index.index, path),
@@ -116,7 +134,7 @@ def index_exists(folder: Optional[str]) -> bool:
     return bool(folder) and storage.exists(storage.join(folder, MANIFEST_FILE))
 
 
-def read_index(folder: str, item_ids: list[str], vectors: np.ndarray) -> HnswIndex:
+def read_index(folder: str, item_ids: list[str], vectors: np.ndarray) -> IvfIndex:
     """The index in `folder`, memory-mapped (from a node-local copy when `folder` is in a bucket),
     after checking that it indexes these items' vectors: its rows must be the first rows of
     `item_ids` (items added since are searched apart), and its sample rows must match `vectors`
@@ -132,8 +150,8 @@ def read_index(folder: str, item_ids: list[str], vectors: np.ndarray) -> HnswInd
     if sample.shape != (len(rows), vectors.shape[1]) or not np.allclose(sample, vectors[rows], atol=1e-4):
         raise DataError(f"the index in {folder} was built from other item vectors (the model or the "
                         f"embeddings changed since): {rebuild}")
-    index = faiss.read_index(os.path.join(local, INDEX_FILE), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC)
-    return HnswIndex(index, int(manifest["expansion_search"]))
+    index = faiss.read_index(os.path.join(local, INDEX_FILE), faiss.IO_FLAG_MMAP_IFC)
+    return IvfIndex(index, int(manifest["probes"]))
 
 
 def _node_copy(folder: str, build_id: str) -> str:

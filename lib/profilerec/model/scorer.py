@@ -24,6 +24,7 @@ scores). Encoder fine-tuning keeps its contrastive loss below.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass, fields
@@ -288,7 +289,6 @@ class FrozenScorer:
 
     params: ScorerConfig
     items: np.ndarray  # [N, D] unit item vectors: projected text plus ID embedding
-    items_t: np.ndarray  # [D, N] contiguous: the one-user product over all items reads memory in order
     popularity: np.ndarray  # [N] the popularity logit, a constant while the priors do not change
     query_key: np.ndarray  # [D, D] W_q^T W_k: the newest item straight to the key-side query
     query_key_bias: np.ndarray  # [D] b_q W_k
@@ -307,6 +307,13 @@ class FrozenScorer:
     t_indices: np.ndarray
     t_features: np.ndarray  # [nnz, 2] log1p(count) and count / max(total, 1): the transition features
 
+    @functools.cached_property
+    def items_t(self) -> np.ndarray:
+        """[D, N] `items` transposed and contiguous: the one-user product over all items reads memory
+        in order. Made on the first full scoring: two-stage scoring never needs it, and at a million
+        items it is as large as `items`."""
+        return np.ascontiguousarray(self.items.T)
+
 
 def frozen_scorer(model: ProfileScorer) -> FrozenScorer:
     """The eval-mode weights of `model`, on the CPU, folded as FrozenScorer describes."""
@@ -323,7 +330,7 @@ def frozen_scorer(model: ProfileScorer) -> FrozenScorer:
         if model.params.popularity:
             popularity = arr(model.pop * torch.log1p(model.popularity.clamp(min=0)))
         return FrozenScorer(
-            params=model.params, items=items, items_t=np.ascontiguousarray(items.T), popularity=popularity,
+            params=model.params, items=items, popularity=popularity,
             query_key=(w_q.T @ w_k).astype(np.float32), query_key_bias=(b_q @ w_k).astype(np.float32),
             query_bias=(w_q.T @ b_k).astype(np.float32), query_bias_const=float(b_q @ b_k),
             proj_t=np.ascontiguousarray(arr(model.proj.weight).T), pos_emb=arr(model.pos_emb.weight),

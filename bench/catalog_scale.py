@@ -1,0 +1,242 @@
+"""Cost against catalog size: what grows when the catalog does, side by side at each size.
+
+    python bench/catalog_scale.py --work_dir work --sizes 10000,100000,1000000   # after `profilerec demo`
+
+For each size a catalog is grown from the work folder's real item vectors (synthetic_catalog.py:
+each item mostly one real item, mixed with another, plus noise; it takes that real item's brand,
+categories and title), and a log of --users users over it: the work folder's real user
+sequences, every real item replaced by one of the items grown from it, so the catalog's
+transitions keep the real ones' shape. The model is the work folder's trained scorer over the
+grown catalog (its weights do not depend on the catalog: no ID embeddings), the item priors are
+counted over the synthetic log.
+
+Each stage runs in its own process, so its peak resident memory is its own:
+
+- index: the index build of `profilerec index` (build seconds, the probes it chooses, recall@10/@100
+  against exact search at them);
+- recommend: one profile at a time on one thread, as a serving replica scores a request, by
+  scoring every item (exact) and two-stage; p50/p99, and the share of the exact top-10 that the
+  two-stage top-10 has; also with a brand filter;
+- train-full, train-sampled: seconds per step of the scorer (batch 128) with the full and the
+  sampled softmax;
+- evaluate: the full ranking of --cases cases (ranked in chunks bounded by the catalog's size),
+  and the two-stage ranking of the same cases, seconds.
+
+The service over HTTP at these sizes is not measured here (bench/serve_bench.py measures it on
+the work folder's catalog). Results: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from machine import describe  # bench/machine.py (the script's folder is on sys.path)
+from synthetic_catalog import grown_with_parents
+
+STAGES = ("index", "recommend", "train-full", "train-sampled", "evaluate")
+THREADS = {"recommend": 1}  # a serving replica scores a request on one thread
+STEPS = 16  # training steps of batch 128 per epoch in the train stages
+
+
+def grow_catalog(work_dir: str, size: int, users: int, folder: str, seed: int = 0) -> None:
+    """The catalog of `size` items and the log of `users` users, written to `folder`."""
+    from profilerec.data import storage
+    from profilerec.data.datasets import read_prepared
+    from profilerec.data.vectors import read_embeddings, vectors_from_arrow
+
+    data = read_prepared(storage.join(work_dir, "prepared"))
+    table = read_embeddings(storage.join(work_dir, "embeddings", "base"), "items")
+    real_ids = table.column("item_id").to_pylist()
+    vectors, parents = grown_with_parents(vectors_from_arrow(table.column("vector")), size, seed)
+    meta = {row["item_id"]: row for row in data.items.to_pylist()}
+    items = [{**meta[real_ids[p]], "item_id": f"g{i}", "title": f"{meta[real_ids[p]]['title'] or ''} #{i}"}
+             for i, p in enumerate(parents)]
+    os.makedirs(folder, exist_ok=True)
+    np.save(os.path.join(folder, "vectors.npy"), vectors)
+    storage.write_table(pa.Table.from_pylist(items, schema=data.items.schema), os.path.join(folder, "items.parquet"))
+    # each real item's grown children, to draw from when a real sequence names it
+    order = np.argsort(parents, kind="stable")
+    starts = np.searchsorted(parents[order], np.arange(len(real_ids) + 1))
+    row_of_real = {item_id: r for r, item_id in enumerate(real_ids)}
+    real = {}
+    for user, item in zip(data.events.column("user_id").to_pylist(), data.events.column("item_id").to_pylist()):
+        if item in row_of_real:
+            real.setdefault(user, []).append(row_of_real[item])
+    sequences = [s for s in real.values() if len(s) >= 2]
+    rng = np.random.default_rng(seed)
+    rows = {"event_id": [], "user_id": [], "item_id": [], "type": [], "ts": []}
+    for u in range(users):
+        for n, r in enumerate(sequences[u % len(sequences)]):
+            children = order[starts[r]:starts[r + 1]]
+            if not len(children):
+                continue
+            rows["event_id"].append(f"u{u}:{n}")
+            rows["user_id"].append(f"u{u}")
+            rows["item_id"].append(f"g{children[rng.integers(len(children))]}")
+            rows["type"].append("purchase")
+            rows["ts"].append(1_600_000_000.0 + 86_400.0 * n)
+    storage.write_table(pa.table(rows), os.path.join(folder, "events.parquet"))
+
+
+def load_catalog(work_dir: str, folder: str) -> tuple[Any, dict]:
+    """The Recommender over a grown catalog (the work folder's scorer, priors of the synthetic log)
+    and the log's user sequences."""
+    from profilerec.data import storage
+    from profilerec.data.schema import Event
+    from profilerec.model.index import ItemIndex
+    from profilerec.model.priors import item_priors
+    from profilerec.model.recommend import Recommender, load_profile_params, scorer_folder
+    from profilerec.model.scorer import load_scorer
+
+    items = storage.read_table(os.path.join(folder, "items.parquet"))
+    index = ItemIndex(items.column("item_id").to_pylist(), np.load(os.path.join(folder, "vectors.npy")),
+                      items.column("brand").to_pylist(), items.column("categories").to_pylist(),
+                      items.column("title").to_pylist())
+    events = storage.read_table(os.path.join(folder, "events.parquet")).to_pydict()
+    sequences: dict[str, list] = {}
+    for event_id, user, item, kind, ts in zip(*(events[k] for k in ("event_id", "user_id", "item_id", "type", "ts"))):
+        sequences.setdefault(user, []).append(Event(event_id=event_id, user_id=user, item_id=item, type=kind, ts=ts))
+    model = storage.join(work_dir, "model")
+    priors = item_priors(sequences, index)
+    scorer = load_scorer(scorer_folder(model), index.item_ids, index.vectors, priors)
+    return Recommender(index, load_profile_params(model), priors=priors, scorer=scorer), sequences
+
+
+def last_item_cases(sequences: dict, n: int) -> list:
+    """Each user's last item as a target, after at most 10 earlier events (the Amazon protocol's
+    history), for the first `n` users."""
+    from profilerec.model.replay import Case
+
+    return [Case(user, "test", seq[-1].item_id, seq[max(0, len(seq) - 11):-1])
+            for user, seq in list(sequences.items())[:n]]
+
+
+def run_stage(stage: str, work_dir: str, folder: str, cases: int) -> dict[str, Any]:
+    """One stage on the catalog in `folder` (in this process); returns its figures."""
+    import torch
+    from profilerec.model.ann import read_index, write_index
+    from profilerec.model.ranking import case_ranks, two_stage_ranks
+    from profilerec.model.replay import case_states
+    from profilerec.model.retrieval import Retrieval
+
+    torch.set_num_threads(THREADS.get(stage, 2))
+    recommender, sequences = load_catalog(work_dir, folder)
+    index_folder = os.path.join(folder, "index")
+    out: dict[str, Any] = {}
+    if stage == "index":
+        from profilerec.batch.index import built_index
+        from profilerec.config import IndexConfig
+
+        matrix = recommender.item_matrix()
+        index, manifest = built_index(matrix, IndexConfig(recall_queries=500, threads=2))
+        out.update({k: manifest[k] for k in ("build_seconds", "recall@10", "recall@100")})
+        out.update(lists=int(index.index.nlist), probes=index.probes)
+        write_index(index, index_folder, recommender.index.item_ids, matrix, manifest)
+    elif stage == "recommend":
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        retrieval = Retrieval(read_index(index_folder, recommender.index.item_ids, recommender.item_matrix()))
+        states = case_states(last_item_cases(sequences, 300), recommender.vector_of, recommender.params,
+                             recommender.index.meta)
+        brand = next(b for b in recommender.index.brands if b)
+        for name, request in (("", {}), (" brand", {"brand": brand})):
+            answers = {}
+            for mode, with_retrieval in (("exact", None), ("two-stage", retrieval)):
+                recommender.retrieval = with_retrieval
+                recommender.recommend(states[0], k=10, **request)  # first-use caches
+                times, answers[mode] = [], []
+                for state in states:
+                    started = time.perf_counter()
+                    answers[mode].append({i["item_id"] for i in recommender.recommend(state, k=10, **request)})
+                    times.append(time.perf_counter() - started)
+                out[f"{mode}{name} p50 ms"] = 1000 * float(np.percentile(times, 50))
+                out[f"{mode}{name} p99 ms"] = 1000 * float(np.percentile(times, 99))
+            out[f"top-10 agreement{name}"] = float(np.mean([len(a & b) / max(len(a), 1) for a, b in
+                                                             zip(answers["exact"], answers["two-stage"])]))
+    elif stage in ("train-full", "train-sampled"):
+        from profilerec.model.scorer import ProfileScorer
+        from profilerec.training.scorer import case_tensors, train_epoch
+
+        scorer = recommender.scorer
+        data = case_tensors(recommender, last_item_cases(sequences, 128 * STEPS), scorer.params)
+        model = ProfileScorer(recommender.index.vectors, recommender.priors, recommender.params.window, scorer.params)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        generator = torch.Generator().manual_seed(0)
+        for epoch in range(2):  # the first pays for torch's one-time set-up
+            started = time.perf_counter()
+            train_epoch(model, optimizer, data, 128, generator, loss=stage.split("-")[1])
+            out["s/step"] = (time.perf_counter() - started) / -(-len(data) // 128)
+    elif stage == "evaluate":
+        eval_cases = last_item_cases(sequences, cases)
+        started = time.perf_counter()
+        case_ranks(recommender, eval_cases)
+        out["exact s"] = time.perf_counter() - started
+        recommender.retrieval = Retrieval(read_index(index_folder, recommender.index.item_ids,
+                                                     recommender.item_matrix()))
+        started = time.perf_counter()
+        two_stage_ranks(recommender, eval_cases)
+        out["two-stage s"] = time.perf_counter() - started
+    out["peak RSS MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", default="work", help="a work folder built by `profilerec demo`")
+    parser.add_argument("--sizes", default="10000,100000,1000000", help="catalog sizes, comma-separated")
+    parser.add_argument("--users", type=int, default=20_000, help="users of the synthetic log")
+    parser.add_argument("--cases", type=int, default=1000, help="cases the evaluate stage ranks")
+    parser.add_argument("--stages", default=",".join(STAGES), help="stages to run, comma-separated")
+    parser.add_argument("--stage", help=argparse.SUPPRESS)  # one stage in this process (the children)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.stage:
+        print(json.dumps(run_stage(args.stage, args.work_dir, args.folder, args.cases)))
+        return
+    print(f"machine: {describe()}")
+    results: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="catalog-scale-") as scratch:
+        for size in (int(s) for s in args.sizes.split(",")):
+            folder = os.path.join(scratch, str(size))
+            started = time.perf_counter()
+            grow_catalog(args.work_dir, size, args.users, folder)
+            print(f"\n{size:,} items: catalog and a log of {args.users:,} users grown in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+            results[size] = {}
+            for stage in args.stages.split(","):
+                env = {**os.environ, "OMP_NUM_THREADS": str(THREADS.get(stage, 2))}
+                done = subprocess.run([sys.executable, __file__, "--stage", stage, "--folder", folder,
+                                       "--work_dir", args.work_dir, "--cases", str(args.cases)],
+                                      env=env, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    print(f"  {stage}: failed\n{done.stderr[-2000:]}", flush=True)
+                    continue
+                figures = json.loads(done.stdout.strip().splitlines()[-1])
+                results[size][stage] = figures
+                print(f"  {stage:14s} " + ", ".join(f"{k} {v:,.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                    for k, v in figures.items()), flush=True)
+    sizes = sorted(results)
+    if len(sizes) > 1:
+        small, large = sizes[0], sizes[-1]
+        print(f"\n{large:,} items against {small:,} (ratio of the larger catalog's figure to the smaller's):")
+        for stage, key in (("recommend", "two-stage p50 ms"), ("recommend", "exact p50 ms"),
+                           ("train-sampled", "s/step"), ("train-full", "s/step"), ("evaluate", "exact s"),
+                           ("evaluate", "two-stage s")):
+            a, b = results[small].get(stage, {}).get(key), results[large].get(stage, {}).get(key)
+            if a and b:
+                print(f"  {stage:14s} {key:18s} {b / a:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
