@@ -20,10 +20,14 @@ Each stage runs in its own process, so its peak resident memory is its own:
 - train-full, train-sampled: seconds per step of the scorer (batch 128) with the full and the
   sampled softmax;
 - evaluate: the full ranking of --cases cases (ranked in chunks bounded by the catalog's size),
-  and the two-stage ranking of the same cases, seconds.
+  and the two-stage ranking of the same cases, seconds;
+- serve: the service over HTTP, measured by bench/serve_bench.py (open loop at 100 requests/s,
+  alternating with a no-op Serve deployment, the floor) on a work folder laid out as
+  `profilerec demo` leaves it over the grown catalog (the real prepare, profiles and index jobs;
+  retrieval.mode auto: two-stage from 100k items); the recommendation p50/p99, their ratios to the
+  floor's, and the resident memory of each serving process at the end.
 
-The service over HTTP at these sizes is not measured here (bench/serve_bench.py measures it on
-the work folder's catalog). Results: docs/benchmarks.md.
+Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -41,9 +45,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from machine import describe  # bench/machine.py (the script's folder is on sys.path)
+from serve_bench import MEMORY_LINE
 from synthetic_catalog import grown_with_parents
 
-STAGES = ("index", "recommend", "train-full", "train-sampled", "evaluate")
+STAGES = ("index", "recommend", "train-full", "train-sampled", "evaluate", "serve")
 THREADS = {"recommend": 1}  # a serving replica scores a request on one thread
 STEPS = 16  # training steps of batch 128 per epoch in the train stages
 
@@ -121,7 +126,58 @@ def last_item_cases(sequences: dict, n: int) -> list:
             for user, seq in list(sequences.items())[:n]]
 
 
-def run_stage(stage: str, work_dir: str, folder: str, cases: int) -> dict[str, Any]:
+def serve_work_folder(work_dir: str, folder: str) -> str:
+    """A work folder over the grown catalog in `folder`, laid out as `profilerec demo` leaves it
+    (prepared, embeddings/base, model, profiles, index), made by the jobs themselves."""
+    import shutil
+
+    from profilerec.batch.index import run_index
+    from profilerec.batch.profiles import run_profiles
+    from profilerec.config import IndexConfig, PrepareConfig, ProfilesConfig
+    from profilerec.data import storage
+    from profilerec.data.datasets import prepare
+    from profilerec.data.vectors import vectors_to_arrow
+
+    work = os.path.join(folder, "work")
+    shutil.rmtree(work, ignore_errors=True)
+    prepared, embeddings, model = (os.path.join(work, p) for p in ("prepared", "embeddings/base", "model"))
+    prepare(PrepareConfig(source="generic", input=folder, events_file="events.parquet", items_file="items.parquet",
+                          output=prepared))
+    items = storage.read_table(os.path.join(folder, "items.parquet")).column("item_id")
+    storage.write_table(pa.table({"item_id": items, "vector": vectors_to_arrow(np.load(os.path.join(folder, "vectors.npy")))}),
+                        os.path.join(embeddings, "items", "part-0.parquet"))
+    # the encoder that made the real vectors encodes the items and texts the service learns
+    shutil.copy(os.path.join(work_dir, "embeddings", "base", "manifest.json"), os.path.join(embeddings, "manifest.json"))
+    shutil.copytree(os.path.join(work_dir, "model"), model)
+    run_profiles(ProfilesConfig(input=prepared, embeddings=embeddings, model=model, output=os.path.join(work, "profiles")))
+    run_index(IndexConfig(input=prepared, embeddings=embeddings, model=model, output=os.path.join(work, "index")))
+    return work
+
+
+def served(work: str, seconds: float) -> dict[str, Any]:
+    """bench/serve_bench.py's figures on `work`: recommendation and floor p50/p99, and the resident
+    memory of every serving process while it ran."""
+    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_bench.py")
+    done = subprocess.run([sys.executable, bench, "--work_dir", work, "--seconds", str(seconds)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"serve_bench failed:\n{done.stderr[-3000:]}")
+    out: dict[str, Any] = {}
+    for line in done.stdout.splitlines():
+        for key, prefix in (("floor", "1. no-op"), ("recommend", "2. recommendations")):
+            if line.startswith(prefix):
+                p50, p99 = (float(line.split(f"{q} ")[1].split()[0]) for q in ("p50", "p99"))
+                out[f"{key} p50 ms"], out[f"{key} p99 ms"] = p50, p99
+        if line.startswith(MEMORY_LINE):
+            for part in line[len(MEMORY_LINE):].split(", "):
+                kind, sizes = part.rsplit(" ", 1)
+                out[f"{kind} MiB resident/private"] = sizes
+    out["p50 / floor"] = out["recommend p50 ms"] / out["floor p50 ms"]
+    out["p99 / floor"] = out["recommend p99 ms"] / out["floor p99 ms"]
+    return out
+
+
+def run_stage(stage: str, work_dir: str, folder: str, cases: int, seconds: float = 30.0) -> dict[str, Any]:
     """One stage on the catalog in `folder` (in this process); returns its figures."""
     import torch
     from profilerec.model.ann import read_index, write_index
@@ -129,6 +185,8 @@ def run_stage(stage: str, work_dir: str, folder: str, cases: int) -> dict[str, A
     from profilerec.model.replay import case_states
     from profilerec.model.retrieval import Retrieval
 
+    if stage == "serve":
+        return served(serve_work_folder(work_dir, folder), seconds)
     torch.set_num_threads(THREADS.get(stage, 2))
     recommender, sequences = load_catalog(work_dir, folder)
     index_folder = os.path.join(folder, "index")
@@ -198,11 +256,12 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=20_000, help="users of the synthetic log")
     parser.add_argument("--cases", type=int, default=1000, help="cases the evaluate stage ranks")
     parser.add_argument("--stages", default=",".join(STAGES), help="stages to run, comma-separated")
+    parser.add_argument("--serve_seconds", type=float, default=30.0, help="serve_bench.py's --seconds")
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # one stage in this process (the children)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
-        print(json.dumps(run_stage(args.stage, args.work_dir, args.folder, args.cases)))
+        print(json.dumps(run_stage(args.stage, args.work_dir, args.folder, args.cases, args.serve_seconds)))
         return
     print(f"machine: {describe()}")
     results: dict[int, dict[str, Any]] = {}
@@ -217,7 +276,8 @@ def main() -> None:
             for stage in args.stages.split(","):
                 env = {**os.environ, "OMP_NUM_THREADS": str(THREADS.get(stage, 2))}
                 done = subprocess.run([sys.executable, __file__, "--stage", stage, "--folder", folder,
-                                       "--work_dir", args.work_dir, "--cases", str(args.cases)],
+                                       "--work_dir", args.work_dir, "--cases", str(args.cases),
+                                       "--serve_seconds", str(args.serve_seconds)],
                                       env=env, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     print(f"  {stage}: failed\n{done.stderr[-2000:]}", flush=True)
@@ -230,7 +290,8 @@ def main() -> None:
     if len(sizes) > 1:
         small, large = sizes[0], sizes[-1]
         print(f"\n{large:,} items against {small:,} (ratio of the larger catalog's figure to the smaller's):")
-        for stage, key in (("recommend", "two-stage p50 ms"), ("recommend", "exact p50 ms"),
+        for stage, key in (("serve", "recommend p50 ms"), ("serve", "recommend p99 ms"),
+                           ("recommend", "two-stage p50 ms"), ("recommend", "exact p50 ms"),
                            ("train-sampled", "s/step"), ("train-full", "s/step"), ("evaluate", "exact s"),
                            ("evaluate", "two-stage s")):
             a, b = results[small].get(stage, {}).get(key), results[large].get(stage, {}).get(key)

@@ -41,6 +41,7 @@ import aiohttp
 import numpy as np
 import ray
 from machine import describe  # bench/machine.py (the script's folder is on sys.path)
+from processes import ray_processes, rss_kib
 from profilerec.config import PipelineConfig, ServeConfig
 from profilerec.data import storage
 from profilerec.data.datasets import read_prepared
@@ -229,34 +230,6 @@ async def killer(ledger: Ledger, app: str, every: tuple[float, float], start: fl
             ledger.kills.append((time.monotonic() - start, kind, name))
         except ValueError:  # gone meanwhile
             pass
-
-
-SERVICE_PROCESSES = ("ShardActor", "LayoutKeeper", "ServeReplica", "ProxyActor", "ServeController")
-
-
-def ray_processes() -> dict[int, str]:
-    """pid -> process title of this machine's Ray processes that serve (Linux: /proc)."""
-    found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                title = f.read().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-        if title.startswith("ray::") and any(kind in title for kind in SERVICE_PROCESSES):
-            found[int(pid)] = title
-    return found
-
-
-def rss_kib(pid: int) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 async def sample_memory(ledger: Ledger, start: float, until: float, every: float = 5.0) -> None:
