@@ -117,6 +117,16 @@ def list_folders(location: str) -> list[str]:
     return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
 
 
+def fingerprint(location: str) -> str:
+    """A name for the folder's current contents: its files' paths, sizes and modification times."""
+    fs, path = resolve(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    digest = hashlib.blake2b(location.encode("utf-8"), digest_size=12)
+    for info in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        digest.update(f"|{info.path}|{info.size}|{info.mtime_ns}".encode("utf-8"))
+    return digest.hexdigest()
+
+
 def read_bytes(location: str) -> bytes:
     """The whole file at `location`; DataError naming it when it is missing."""
     fs, path = resolve(location)

@@ -7,19 +7,26 @@ added or changed while serving (`upsert`), rows are never reordered, so a row nu
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from profilerec.data.vectors import vectors_from_arrow
+from profilerec.data import storage
+from profilerec.data.vectors import read_embeddings, vectors_from_arrow
 from profilerec.errors import DataError
+from profilerec.model.shared_rows import set_rows, shared_rows
 
 
 @dataclass
 class ItemIndex:
-    """Items in row order: `vectors[i]` is the unit text embedding of `item_ids[i]`."""
+    """Items in row order: `vectors[i]` is the unit text embedding of `item_ids[i]`.
+
+    `vectors` may be given with more rows than items: the rows past them are room for items added
+    later (a node-shared map, shared_rows.py); afterwards the attribute holds the items' rows only.
+    """
 
     item_ids: list[str]
     vectors: np.ndarray
@@ -29,7 +36,8 @@ class ItemIndex:
 
     def __post_init__(self) -> None:
         n = len(self.item_ids)
-        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        self._store = np.ascontiguousarray(self.vectors, dtype=np.float32)  # the rows and the room after them
+        self.vectors = self._store[:n]
         self.brands = list(self.brands) or [None] * n
         self.categories = [list(c or []) for c in self.categories] or [[] for _ in range(n)]
         self.titles = list(self.titles) or [None] * n
@@ -38,6 +46,7 @@ class ItemIndex:
         self.rows = {item_id: i for i, item_id in enumerate(self.item_ids)}
         self._by_brand: Optional[dict[str, np.ndarray]] = None  # allowed_rows' lookups, made on first use
         self._by_category: Optional[dict[str, np.ndarray]] = None
+        self.shared_key: Optional[str] = None  # the name of the node-shared map of its vectors (shared_index)
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -70,7 +79,6 @@ class ItemIndex:
                categories: Sequence[Sequence[str]], titles: Sequence[Optional[str]]) -> list[int]:
         """Add new items and replace changed ones in place; returns their rows."""
         rows = []
-        new_vectors = []
         for i, item_id in enumerate(item_ids):
             row = self.rows.get(item_id)
             if row is None:
@@ -80,15 +88,13 @@ class ItemIndex:
                 self.brands.append(brands[i])
                 self.categories.append(list(categories[i] or []))
                 self.titles.append(titles[i])
-                new_vectors.append(vectors[i])
             else:
-                self.vectors[row] = vectors[i]
                 self.brands[row] = brands[i]
                 self.categories[row] = list(categories[i] or [])
                 self.titles[row] = titles[i]
             rows.append(row)
-        if new_vectors:
-            self.vectors = np.vstack([self.vectors, np.asarray(new_vectors, dtype=np.float32)])
+        self._store, used = set_rows(self._store, len(self.vectors), rows, np.asarray(vectors, dtype=np.float32))
+        self.vectors = self._store[:used]
         self._by_brand = self._by_category = None
         return rows
 
@@ -160,3 +166,18 @@ def index_from_tables(items: pa.Table, embeddings: pa.Table) -> ItemIndex:
     vectors = vectors_from_arrow(embeddings.column("vector"))[at.to_numpy(zero_copy_only=False)]
     return ItemIndex(items.column("item_id").to_pylist(), vectors, items.column("brand").to_pylist(),
                      items.column("categories").to_pylist(), items.column("title").to_pylist())
+
+
+def shared_index(items: pa.Table, embeddings: str) -> ItemIndex:
+    """index_from_tables over the embeddings folder's item vectors, held in this node's shared map
+    (shared_rows.py): the processes of a node that load the same catalog and embeddings hold the
+    vectors once, and the first of them reads the embeddings."""
+    ids = items.column("item_id").to_pylist()
+    digest = hashlib.blake2b("\n".join(ids).encode("utf-8"), digest_size=12)
+    digest.update(storage.fingerprint(storage.join(embeddings, "items")).encode())
+    key = f"items-{digest.hexdigest()}"
+    store = shared_rows(key, lambda: index_from_tables(items, read_embeddings(embeddings, "items")).vectors)
+    index = ItemIndex(ids, store, items.column("brand").to_pylist(), items.column("categories").to_pylist(),
+                      items.column("title").to_pylist())
+    index.shared_key = key
+    return index

@@ -17,9 +17,8 @@ import pyarrow as pa
 from profilerec.config import RetrievalConfig
 from profilerec.data import storage
 from profilerec.data.schema import Event
-from profilerec.data.vectors import read_embeddings
 from profilerec.model.encoder import text_hash
-from profilerec.model.index import ItemIndex, best_rows, index_from_tables
+from profilerec.model.index import ItemIndex, best_rows, shared_index
 from profilerec.model.priors import ItemPriors, empty_priors, grown_priors
 from profilerec.model.profile import ProfileParams, ProfileState, event_embedding, interest_vectors, zero_shot_query
 from profilerec.model.retrieval import Retrieval, configured_retrieval
@@ -101,7 +100,7 @@ class Recommender:
         self.priors = grown_priors(self.priors or empty_priors(0), len(self.index))
         self._popularity = self._popular = None
         if self.scorer is not None:
-            self.scorer.set_items(self.index.vectors, self.priors)
+            self.scorer.set_items(self.index.vectors, self.priors, rows)
         if self.retrieval is not None:
             self.retrieval.changed(rows)
 
@@ -227,12 +226,13 @@ def load_recommender(items: pa.Table, embeddings: str, params: Optional[ProfileP
     """A Recommender over `items` with the item and text vectors of the embeddings folder, and the
     scorer saved in the `model` folder when it has one."""
 
-    index = index_from_tables(items, read_embeddings(embeddings, "items"))
+    index = shared_index(items, embeddings)
     recommender = Recommender(index, params or ProfileParams(), load_text_vectors(storage.join(embeddings, "texts")),
                               priors)
     if scorer_exists(scorer_folder(model)):
         recommender.scorer = load_scorer(scorer_folder(model), index.item_ids, index.vectors,
                                          priors or empty_priors(len(index)))
+        recommender.scorer.shared_key = index.shared_key
     return recommender
 
 

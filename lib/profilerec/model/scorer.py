@@ -25,6 +25,7 @@ scores). Encoder fine-tuning keeps its contrastive loss below.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import math
 from dataclasses import dataclass, fields
@@ -37,6 +38,7 @@ from profilerec.config import ScorerConfig, from_dict, to_dict
 from profilerec.data import storage
 from profilerec.model.priors import ItemPriors
 from profilerec.model.profile import ProfileParams, ProfileState, interest_vectors, window_features
+from profilerec.model.shared_rows import set_rows, shared_rows
 from torch import nn
 
 # features the attention reads per window slot besides the item vector: time gap, event weight
@@ -93,6 +95,11 @@ class ProfileScorer(nn.Module):
         self.window = window
         self.trained_on: list[str] = []  # splits whose targets it learned from (set when loaded)
         self._frozen: Optional[FrozenScorer] = None  # predict()'s weights, made on first use
+        # item_matrix() in numpy for the frozen weights (item_rows): kept while the weights stay,
+        # rows past `_items_used` are room for items added while serving
+        self._items: Optional[np.ndarray] = None
+        self._items_used = 0
+        self.shared_key: Optional[str] = None  # set: item_rows is made once per node (shared_rows.py)
         # item vectors and priors come from the index and the log at load time, not from the weights
         self.register_buffer("item_vectors", torch.as_tensor(item_vectors, dtype=torch.float32), persistent=False)
         self.proj = nn.Linear(dim, dim, bias=False)
@@ -131,9 +138,10 @@ class ProfileScorer(nn.Module):
             self.register_buffer(name, value.to(self.item_vectors.device), persistent=False)
         self._frozen = None
 
-    def set_items(self, item_vectors: np.ndarray, priors: ItemPriors) -> None:
+    def set_items(self, item_vectors: np.ndarray, priors: ItemPriors, changed: Optional[list[int]] = None) -> None:
         """Score over a grown or changed catalog (rows never move; new rows are new items, which
-        have no ID embedding and are scored by their text alone)."""
+        have no ID embedding and are scored by their text alone). `changed`: the rows added or
+        replaced; only they are projected again (None: every row, when next needed)."""
         vectors = torch.as_tensor(item_vectors, dtype=torch.float32).to(self.item_vectors.device)
         if self.item_ids is not None and len(vectors) > self.item_ids.num_embeddings:
             grown = nn.Embedding(len(vectors), self.item_ids.embedding_dim).to(vectors.device)
@@ -142,7 +150,34 @@ class ProfileScorer(nn.Module):
                 grown.weight[: self.item_ids.num_embeddings] = self.item_ids.weight
             self.item_ids = grown
         self.register_buffer("item_vectors", vectors, persistent=False)
+        if self._items is not None and changed:
+            with torch.no_grad():
+                projected = self.item_matrix(torch.as_tensor(changed, device=vectors.device)).float().cpu().numpy()
+            self._items, self._items_used = set_rows(self._items, self._items_used, changed, projected)
+        else:
+            self._items = None
         self.set_priors(priors)
+
+    def item_rows(self) -> np.ndarray:
+        """[items, D] item_matrix() in numpy, for scoring with the frozen weights: made once per
+        node when `shared_key` is set (the same weights over the same vectors), kept until the
+        weights change, and updated row by row when items change (set_items)."""
+        if self._items is None:
+            def projected() -> np.ndarray:
+                with torch.no_grad():
+                    return self.item_matrix().float().cpu().numpy()
+
+            key = f"{self.shared_key}-{self._weights_digest()}" if self.shared_key else None
+            self._items = shared_rows(key, projected) if key else projected()
+            self._items_used = len(self.item_vectors)
+        return self._items[: self._items_used]
+
+    def _weights_digest(self) -> str:
+        digest = hashlib.blake2b(digest_size=12)
+        for name, value in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(value.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     def item_matrix(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[items, D] unit vectors the user vector is compared with; [len(rows), D] those of `rows`
@@ -154,11 +189,11 @@ class ProfileScorer(nn.Module):
         return F.normalize(reps + self.item_ids(rows) if self.item_ids is not None else reps, dim=-1)
 
     def train(self, mode: bool = True) -> "ProfileScorer":
-        self._frozen = None  # the weights are about to change (or just did)
+        self._frozen = self._items = None  # the weights are about to change (or just did)
         return super().train(mode)
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        self._frozen = None
+        self._frozen = self._items = None
         return super().load_state_dict(*args, **kwargs)
 
     def frozen(self) -> "FrozenScorer":
@@ -322,7 +357,7 @@ def frozen_scorer(model: ProfileScorer) -> FrozenScorer:
             t = t.detach().cpu()
             return np.ascontiguousarray((t.float() if t.is_floating_point() else t).numpy())
 
-        items = arr(model.item_matrix())
+        items = model.item_rows()
         w_q, b_q, w_k, b_k = (arr(t).astype(np.float64) for t in (model.query.weight, model.query.bias,
                                                                      model.key.weight, model.key.bias))
         counts, totals = arr(model.t_counts), arr(model.t_totals)

@@ -17,12 +17,10 @@ so shards starting together never read a half-written file.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Iterable, Optional
 
 import numpy as np
-import pyarrow.fs as pafs
 from profilerec.data import storage
 from profilerec.data.vectors import vectors_from_arrow
 
@@ -87,7 +85,7 @@ def load_text_vectors(location: str, cache_dir: Optional[str] = None) -> TextVec
         return empty_text_vectors()
     cache_dir = cache_dir or storage.node_private_dir()
     os.makedirs(cache_dir, exist_ok=True)
-    base = os.path.join(cache_dir, f"texts-{_fingerprint(location)}")
+    base = os.path.join(cache_dir, f"texts-{storage.fingerprint(location)}")
     if not os.path.exists(base + ".vectors.f32"):
         _copy_to_node(location, base)
     keys = np.load(base + ".keys.npy")
@@ -96,16 +94,6 @@ def load_text_vectors(location: str, cache_dir: Optional[str] = None) -> TextVec
         return empty_text_vectors()
     vectors = np.memmap(base + ".vectors.f32", dtype=np.float32, mode="r", shape=(len(keys), size // 4 // len(keys)))
     return TextVectors(keys, vectors)
-
-
-def _fingerprint(location: str) -> str:
-    """A name for the folder's current contents: its files' paths, sizes and modification times."""
-    fs, path = storage.resolve(location)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    digest = hashlib.blake2b(location.encode("utf-8"), digest_size=12)
-    for info in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
-        digest.update(f"|{info.path}|{info.size}|{info.mtime_ns}".encode("utf-8"))
-    return digest.hexdigest()
 
 
 def _copy_to_node(location: str, base: str) -> None:

@@ -1,0 +1,57 @@
+"""Matrices of float32 rows that the processes of a node share, and room to add rows to them.
+
+A large catalog's item vectors (a million items of 384 floats: 1.5 GB) would be copied into every
+shard and replica. Here the first process of a node that needs a matrix writes it to a `.npy` file
+in the node's private temp folder (under a temporary name, then renamed: processes starting
+together never map a half-written file); every process maps that file copy-on-write, so the pages
+live once in the page cache. Items added or changed while serving write into the map: only those
+pages become private to the process. The file holds spare rows past the matrix for the items
+added later; when they run out, the process grows a private copy.
+
+A file is named after what it was made from (the caller's key), so a new encode or a retrained
+scorer gets a new file; old files stay until the temp folder is cleaned.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+from profilerec.data import storage
+
+
+def spare_rows(rows: int) -> int:
+    """Rows kept free past a matrix of `rows` for items added later."""
+    return max(1024, rows // 16)
+
+
+def shared_rows(key: str, make: Callable[[], np.ndarray]) -> np.ndarray:
+    """This node's copy-on-write map of the matrix named `key`, made with `make` (an [rows, D]
+    float32 array) when no process of the node made it yet. Its first rows are the matrix, the
+    rest room for rows added later (set_rows); the caller knows how many rows the matrix has."""
+    path = os.path.join(storage.node_private_dir(), f"rows-{key}.npy")
+    if not os.path.exists(path):
+        matrix = np.asarray(make(), dtype=np.float32)
+        partial = f"{path}.{os.getpid()}.partial"
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
+                                        shape=(len(matrix) + spare_rows(len(matrix)), matrix.shape[1]))
+        out[:len(matrix)] = matrix
+        out.flush()
+        del out
+        os.replace(partial, path)
+    # a plain view of the map: slicing a np.memmap makes a memmap object per slice
+    return np.asarray(np.load(path, mmap_mode="c"))
+
+
+def set_rows(store: np.ndarray, used: int, rows: list[int], vectors: np.ndarray) -> tuple[np.ndarray, int]:
+    """Write `vectors` at `rows` of the matrix `store[:used]`: a row below `used` is replaced, the
+    others are appended (they must be used, used + 1, ...). Returns (store, used) after: the same
+    store while it has room, else a private copy with room again."""
+    grown = max([used] + [r + 1 for r in rows])
+    if grown > len(store):
+        bigger = np.empty((grown + spare_rows(grown), store.shape[1]), dtype=np.float32)
+        bigger[:used] = store[:used]
+        store = bigger
+    store[np.asarray(rows, dtype=np.int64)] = vectors
+    return store, grown
