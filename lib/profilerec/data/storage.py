@@ -317,6 +317,7 @@ def local_dir(location: str) -> str:
     if not os.path.isdir(cache):
         fs, path = resolve(location)
         tmp = f"{cache}.tmp-{uuid.uuid4().hex[:8]}"
+        os.makedirs(tmp)  # copy_files writes into the folder, it does not make it
         pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         os.replace(tmp, cache)
     return cache

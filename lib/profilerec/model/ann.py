@@ -163,6 +163,7 @@ def _node_copy(folder: str, build_id: str) -> str:
     if not os.path.isdir(copy):
         fs, path = storage.resolve(folder)
         temporary = f"{copy}.tmp-{uuid.uuid4().hex[:8]}"
+        os.makedirs(temporary)
         pafs.copy_files(path, temporary, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         os.replace(temporary, copy)
     return copy

@@ -56,7 +56,7 @@ def map_chunks(fn: Callable[[T], R], chunks: Iterable[T], workers: int,
                                                                     initargs=(initializer, initargs)) as pool:
         pending: collections.deque = collections.deque()
         for chunk in itertools.chain(head, chunks):
-            pending.append(pool.submit(fn, chunk))
+            pending.append(pool.submit(_run, fn, chunk))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:
@@ -74,8 +74,18 @@ def _init(initializer: Optional[Callable[..., None]], initargs: tuple) -> None:
     import torch
 
     torch.set_num_threads(1)
-    if initializer is not None:
-        initializer(*initargs)
+    try:
+        if initializer is not None:
+            initializer(*initargs)
+    except Exception as error:  # raised from the first task instead: a failed initializer only breaks the pool
+        _STATE["initializer_error"] = error
+
+
+def _run(fn: Callable[[T], R], chunk: T) -> R:
+    error = _STATE.get("initializer_error")
+    if error is not None:
+        raise error
+    return fn(chunk)
 
 
 def worker_state() -> dict[str, Any]:
