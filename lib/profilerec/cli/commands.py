@@ -209,7 +209,8 @@ def benchmark(cfg: BenchmarkConfig) -> None:
 
 
 def pipeline(cfg: PipelineConfig) -> None:
-    """The whole workflow on the bundled sample (prepare, encode, train, profiles, evaluate), then the live service."""
+    """The whole workflow on the bundled sample (prepare, encode, train, index, profiles, evaluate), then the
+    live service."""
     from profilerec.cli.pipeline import run_pipeline
 
     run_pipeline(cfg)
