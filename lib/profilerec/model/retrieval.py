@@ -96,7 +96,7 @@ class Retrieval:
         if allowed is not None and len(allowed) <= self.nearest + self.popular:
             return [allowed] * len(parts.user)
         if allowed is not None and len(allowed) <= self.exact_filtered:
-            # a product with a few thousand vectors costs less than a graph walk that skips most items
+            # a product with a few thousand vectors costs less than scanning clusters that hold few of them
             found = [ExactNearest(items[allowed], allowed).search(parts.user, self.nearest)]
         else:
             found = [self.index.search(parts.user, self.nearest, allowed)]
