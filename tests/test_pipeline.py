@@ -38,7 +38,7 @@ def test_demo_runs_every_stage_and_the_service_answers(tmp_path):
     logged = log.read_text()
     assert "Started a local Ray instance" in logged and "(RayTrainWorker" in logged
     report = json.loads((work / "report" / "report.json").read_text())
-    assert set(report["methods"]) == {"popularity", "zero-shot profile", "profilerec"}
+    assert set(report["methods"]) == {"popularity", "zero-shot profile", "profilerec", "profilerec (two-stage)"}
     assert "| profilerec |" in out  # the report table is printed
     assert (work / "report" / "report.png").stat().st_size > 1000
     assert (work / "model" / "scorer" / "scorer.pt").is_file()
