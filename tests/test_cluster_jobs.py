@@ -142,7 +142,7 @@ def serve_config(cluster, s3, num_shards, ingress_replicas):
     (app,) = config["applications"]
     app["args"].update(prepared=f"{WORK}/prepared", embeddings=f"{WORK}/embeddings/base", model=f"{WORK}/model",
                        profiles=f"{WORK}/profiles", state_dir=f"{WORK}/serve_state", num_shards=num_shards,
-                       shard_num_cpus=0.1)
+                       shard_num_cpus=0.1, retrieval={"index": f"{WORK}/index"})
     app["runtime_env"] = {"env_vars": s3["env"] | {"PROFILEREC_API_TOKEN": TOKEN}}
     ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
     ingress["autoscaling_config"]["min_replicas"] = ingress_replicas

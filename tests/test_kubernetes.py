@@ -86,10 +86,11 @@ def test_the_embedded_serve_config_is_serve_config_yaml_on_a_gpu_with_state_in_t
     from_dict(ServeConfig, app["args"])  # the args are valid service settings
     assert all(str(app["args"][k]).startswith("s3://") for k in ("prepared", "embeddings", "model", "profiles",
                                                                   "state_dir"))
+    assert app["args"]["retrieval"]["index"].startswith("s3://")
     # the only differences from serve/config.yaml: locations in the bucket, the Encoder on a GPU
     expected = copy.deepcopy(local["applications"][0])
     expected["args"].update({k: v for k, v in app["args"].items() if k in ("prepared", "embeddings", "model",
-                                                                             "profiles", "state_dir")})
+                                                                             "profiles", "state_dir", "retrieval")})
     encoder = next(d for d in expected["deployments"] if d["name"] == "Encoder")
     encoder["ray_actor_options"]["num_gpus"] = 1
     assert app == expected
