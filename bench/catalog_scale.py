@@ -175,6 +175,9 @@ def served(work: str, seconds: float) -> dict[str, Any]:
             if line.startswith(prefix):
                 p50, p99 = (float(line.split(f"{q} ")[1].split()[0]) for q in ("p50", "p99"))
                 out[f"{key} p50 ms"], out[f"{key} p99 ms"] = p50, p99
+        if line.startswith(("CPU per request", "recommendation reads")):  # where a request's time goes
+            key, value = line.split(":", 1)
+            out[key] = value.strip()
         if line.startswith(MEMORY_LINE):
             for part in line[len(MEMORY_LINE):].split(", "):
                 kind, sizes = part.rsplit(" ", 1)
