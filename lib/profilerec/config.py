@@ -199,7 +199,7 @@ class TrainConfig:
     use_gpu: Optional[bool] = setting(None, "none: use GPUs when the cluster has them")
     threads_per_worker: Optional[int] = setting(
         None, "torch threads per worker; none: the node's cores shared by the workers on it")
-    seed: int = setting(0, "random seed (training is deterministic for a seed)")
+    seed: int = setting(0, "random seed")
     storage_path: Optional[str] = setting(None, "Ray Train checkpoints; none: <output>/../ray_train")
     run_name: str = setting("profilerec-train", "Ray Train run name (a fingerprint of the settings is added)")
     ray: RayConfig = setting(factory=RayConfig, help="how the job reaches Ray")
