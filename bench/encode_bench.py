@@ -1,8 +1,19 @@
 """Texts/s of the encode job (jobs/encode: Ray Data, Parquet in and out) against
-sentence-transformers' SentenceTransformer.encode, same model, same texts, same machine, one run.
+sentence-transformers' SentenceTransformer.encode, same model, same texts, same device, one run.
 
     python bench/encode_bench.py --texts 10000           # side by side, distinct texts
+    python bench/encode_bench.py --in-process            # TextEncoder alone: precisions x packing off/on
     python bench/encode_bench.py --log-events 1000000    # memory: a generated log streamed through
+
+Both sides run on the job's device (--device auto: the GPU when torch sees one; the header names
+it): the job with use_gpu on a GPU, sentence-transformers on the same device at its own best
+configuration (on a GPU every --st-batch-sizes x --st-precisions is timed on --st-sweep-texts
+texts and the fastest whose vectors stay within cosine 0.99 of fp32 runs on all; tokenising is
+included, as SentenceTransformer.encode tokenises). The job's line is followed by its fixed cost
+(choosing the precision on a first run, start-up to the first encoded part) and its steady rate
+from the manifest, and the fraction of the arithmetic limit: the model's FLOPs (2 x the weights
+outside the embeddings per token, plus attention) over the seconds, against --peak-tflops (by
+default the datasheet figure of an H100, H200 or A100 at the job's precision; none on a CPU).
 
 Texts are realistic: the bundled Amazon Industrial sample's item texts (title, brand, categories,
 description) plus generated event texts built from the same catalog: search queries of 1-6 title
@@ -103,15 +114,117 @@ def write_with_texts(base: str, folder: str, texts: list[str], repeat: int) -> N
     write_prepared(PreparedData(events, data.items, data.cases, data.max_history), folder)
 
 
+# dense (no sparsity) matrix peaks in TFLOP/s from NVIDIA's datasheets, by the precision the model
+# runs at; the more specific name first (an H100 PCIe is slower than an H100 SXM)
+PEAK_TFLOPS = [
+    ("H100 PCIe", {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0}),
+    ("H200 NVL", {"fp32": 60.0, "tf32": 418.0, "bf16": 835.0, "fp16": 835.0}),
+    ("H200", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),
+    ("H100", {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}),
+    ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}),
+]
+ST_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def bench_device(choice: str) -> str:
+    """cuda or cpu: `choice`, or for auto the GPU when torch sees one."""
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU here")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
+
+
+def model_flops(model_path: str, lengths: list[int]) -> float:
+    """Forward FLOPs of the encoder over texts of these token lengths: per token 2 x the
+    parameters outside the embedding tables (every weight one multiply-add), plus per layer the
+    attention's two [n x n x hidden] products (QK^T, then the weights times V) of each text."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(model_path)
+    model = AutoModel.from_config(config)
+    weights = sum(p.numel() for p in model.encoder.parameters())
+    n = np.asarray(lengths, dtype=np.float64)
+    return float(2 * weights * n.sum() + config.num_hidden_layers * 4 * config.hidden_size * (n ** 2).sum())
+
+
+def peak_tflops(given: Optional[float], device: str, precision: str) -> Optional[float]:
+    """The arithmetic peak the fraction is of: --peak-tflops, else the datasheet figure of a known
+    GPU at `precision` (int8 and unknown GPUs and CPUs: none, so no fraction is printed)."""
+    import torch
+
+    if given:
+        return given
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name(0)
+    peaks = next((peaks for key, peaks in PEAK_TFLOPS if key in name), {})
+    return peaks.get(precision)
+
+
+def st_encode(model, texts: list[str], batch_size: int) -> tuple[np.ndarray, float]:
+    """sentence-transformers' vectors of `texts` (tokenising included) and the seconds they took."""
+    import torch
+
+    started = time.perf_counter()
+    vectors = model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return vectors.astype(np.float32), time.perf_counter() - started
+
+
+def sentence_transformers_best(args: argparse.Namespace, device: str, model_path: str,
+                               texts: list[str]) -> dict:
+    """sentence-transformers at its best configuration on `device`: every --st-batch-sizes x
+    --st-precisions (half types on CUDA only) timed on the first --st-sweep-texts texts, the
+    fastest whose every vector is within cosine 0.99 of fp32's then timed on all `texts`; the
+    fp32 vectors of all `texts` come back too, the reference for the cosine of ours."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(model_path, device=device)
+    st.max_seq_length = args.max_length  # the same truncation as ours (the model card says 256)
+    if device == "cpu":
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    batches = args.st_batch_sizes or ([32, 128, 256, 512] if device == "cuda" else [32])
+    precisions = args.st_precisions or (["fp32", "fp16", "bf16"] if device == "cuda" else ["fp32"])
+    precisions = ["fp32"] + [p for p in precisions if p != "fp32" and (device == "cuda" or p == "bf16")]
+    sweep = texts[: args.st_sweep_texts]
+    configs = [(p, b) for p in precisions for b in batches]
+    rates, sweep_reference = {}, None
+    for precision in precisions:
+        st.to(getattr(torch, ST_DTYPES[precision]))
+        st_encode(st, sweep[:256], batches[0])  # warm-up: CUDA context, kernels, allocator
+        for batch in batches:
+            if len(configs) == 1:
+                break  # nothing to choose between: the full run below is the measurement
+            vectors, seconds = st_encode(st, sweep, batch)
+            sweep_reference = vectors if sweep_reference is None else sweep_reference
+            cosine = float((vectors * sweep_reference).sum(axis=1).min())
+            rates[(precision, batch)] = (len(sweep) / seconds, cosine)
+            print(f"  sentence-transformers {precision} batch {batch}: {len(sweep) / seconds:.1f} texts/s on "
+                  f"{len(sweep)} texts, min cosine to fp32 {cosine:.5f}", flush=True)
+    allowed = {c: r for c, r in rates.items() if r[1] >= 0.99} or {configs[0]: (0.0, 1.0)}
+    precision, batch = max(allowed, key=lambda c: allowed[c][0])
+    st.to(getattr(torch, ST_DTYPES[precision]))
+    vectors, seconds = st_encode(st, texts, batch)
+    reference = vectors
+    if precision != "fp32":
+        st.to(torch.float32)
+        fp32_batch = max((c for c in rates if c[0] == "fp32"), key=lambda c: rates[c][0])[1]
+        reference, _ = st_encode(st, texts, fp32_batch)
+    return {"precision": precision, "batch": batch, "seconds": seconds, "reference": reference}
+
+
 def side_by_side(args: argparse.Namespace) -> None:
     import ray
-    from profilerec.batch.encode import resolve_precision, run_encode
+    from profilerec.batch.encode import run_encode
     from profilerec.config import EncodeConfig
     from profilerec.data.datasets import read_prepared
     from profilerec.data.vectors import item_texts, read_embeddings, vectors_from_arrow
-    from profilerec.model.encoder import resolve_model_path, text_hash
-    from sentence_transformers import SentenceTransformer
+    from profilerec.model.encoder import load_tokenizer, resolve_model_path, text_hash, token_ids
 
+    device = bench_device(args.device)
     work = tempfile.mkdtemp(prefix="encode-bench-")
     try:
         sample_prepared(f"{work}/sample")
@@ -123,29 +236,23 @@ def side_by_side(args: argparse.Namespace) -> None:
         log_texts = item_list + [t for _ in range(args.repeat) for t in events]
         distinct = len(set(item_list) | set(events))
         print(f"machine: {describe()}")
+        print(f"device: {device} (the job's encoder actors and sentence-transformers alike)")
         print(f"texts: {len(item_list)} item texts + {len(events)} distinct event texts x {args.repeat} "
-              f"= {len(log_texts)} log texts ({distinct} distinct); max_length {args.max_length}")
+              f"= {len(log_texts)} log texts ({distinct} distinct); max_length {args.max_length}", flush=True)
 
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
         cfg = EncodeConfig(input=f"{work}/prepared", output=f"{work}/emb", max_length=args.max_length,
                            batch_size=args.batch_size, token_budget=args.token_budget, precision=args.precision,
-                           num_actors=args.num_actors, torch_threads=args.torch_threads,
+                           packing=args.packing, num_actors=args.num_actors, torch_threads=args.torch_threads,
                            num_cpus_per_actor=1.0 / args.num_actors, cache=f"{work}/cache")
-        precision = resolve_precision(cfg, use_gpu=False)
         started = time.perf_counter()
-        manifest = run_encode(cfg, use_gpu=False)  # the function jobs/encode.py calls; cold cache
+        manifest = run_encode(cfg, use_gpu=device == "cuda")  # the function jobs/encode.py calls; cold cache
         ours_s = time.perf_counter() - started
         ray.shutdown()
 
-        st = SentenceTransformer(resolve_model_path(cfg.model), device="cpu")
-        st.max_seq_length = args.max_length  # the same truncation as ours (the model card says 256)
-        import torch
-
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
-        started = time.perf_counter()
-        reference = st.encode(log_texts, batch_size=args.st_batch_size, normalize_embeddings=True,
-                              convert_to_numpy=True)
-        st_s = time.perf_counter() - started
+        model_path = resolve_model_path(cfg.model)
+        st = sentence_transformers_best(args, device, model_path, log_texts)
+        reference = st["reference"]
 
         ours_items = read_embeddings(cfg.output, "items")
         ours_texts = read_embeddings(cfg.output, "texts")
@@ -155,17 +262,74 @@ def side_by_side(args: argparse.Namespace) -> None:
                         + [by_hash[text_hash(t)] for t in events])
         cosine = (ours * reference[: len(ours)]).sum(axis=1)
 
-        ours_rate, st_rate = len(log_texts) / ours_s, len(log_texts) / st_s
+        precision = manifest["precision"]
+        choice = manifest["precision_choice"]
+        measuring = choice.get("measure_seconds", 0.0) if choice.get("chosen_by") == "measured" else 0.0
+        ours_rate, st_rate = len(log_texts) / ours_s, len(log_texts) / st["seconds"]
+        print(f"precision {precision} ({choice.get('chosen_by')}"
+              + (f" on {choice['device']}: {choice['measured']}, {measuring:.1f} s" if "measured" in choice else "")
+              + f"); packing {args.packing}")
         print(f"ours  (jobs/encode path, Ray Data + Parquet, {precision}, {manifest['encoded']} texts encoded): "
               f"{ours_s:.1f} s = {ours_rate:.1f} log texts/s ({manifest['encoded'] / ours_s:.1f} distinct texts/s; "
               f"the encoding step alone (Ray Data start-up included) "
               f"{manifest['encoded'] / max(manifest['encode_seconds'], 1e-9):.1f} texts/s)")
-        print(f"sentence-transformers {st_s:.1f} s = {st_rate:.1f} texts/s (fp32, batch {args.st_batch_size})")
+        print(f"  fixed cost: {measuring:.1f} s choosing the precision (first run on a device only), start-up until "
+              f"the encoder finished its first block {manifest['startup_seconds']} s; steady state "
+              f"{manifest['steady_texts_per_second']} texts/s")
+        lengths = [len(r) for r in token_ids(load_tokenizer(model_path), item_list + events, args.max_length)]
+        flops = model_flops(model_path, lengths)
+        peak = peak_tflops(args.peak_tflops, device, precision)
+        steady = manifest["steady_texts_per_second"]
+        print(f"  arithmetic: {flops / len(lengths) / 1e6:.1f} MFLOP per text ({flops / sum(lengths) / 1e6:.1f} "
+              f"per token, {np.mean(lengths):.0f} tokens per text)"
+              + (f"; {flops / ours_s / 1e12 / peak:.2%} of {peak:g} TFLOP/s over the whole job"
+                 + (f", {steady * flops / len(lengths) / 1e12 / peak:.2%} at the steady rate" if steady else "")
+                 if peak else "; no --peak-tflops for this device, so no fraction of the limit"))
+        print(f"sentence-transformers {st['seconds']:.1f} s = {st_rate:.1f} texts/s ({st['precision']}, batch "
+              f"{st['batch']}: its best configuration here, tokenising included)")
         print(f"ratio ours / sentence-transformers: {ours_rate / st_rate:.2f}x")
         print(f"cosine ours vs fp32 sentence-transformers: min {cosine.min():.5f} mean {cosine.mean():.5f} "
               f"({int((cosine < 0.99).sum())} of {len(cosine)} below 0.99)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def in_process(args: argparse.Namespace) -> None:
+    """TextEncoder in this process on the bench's texts, every --precisions x packing off/on,
+    alternating for --rounds rounds: the first pass over the texts (cold shapes) and the best
+    later pass, in texts/s, and the lowest cosine to fp32 unpacked."""
+    import torch
+    from profilerec.model.encoder import TextEncoder
+
+    device = bench_device(args.device)
+    maker = TextMaker()
+    texts = maker.items + maker.event_texts(max(args.texts - len(maker.items), 0))
+    print(f"machine: {describe()}")
+    print(f"device: {device}; {len(texts)} distinct texts, max_length {args.max_length}, token budget "
+          f"{args.token_budget or 'by device'}; TextEncoder in one process", flush=True)
+    if device == "cpu":
+        torch.set_num_threads(args.torch_threads or len(os.sched_getaffinity(0)))
+    precisions = args.precisions or (["fp32", "tf32", "bf16", "fp16"] if device == "cuda" else ["fp32", "bf16"])
+    encoders = {(p, k): TextEncoder(device=device, max_length=args.max_length, batch_size=args.batch_size,
+                                    precision=p, token_budget=args.token_budget, packing=k)
+                for p in precisions for k in ("off", "on")}
+    rows = next(iter(encoders.values())).token_ids(texts)
+    reference, first, best = None, {}, {}
+    for round_ in range(args.rounds + 1):
+        for key, encoder in encoders.items():
+            started = time.perf_counter()
+            vectors = encoder.encode_ids(rows)
+            rate = len(rows) / (time.perf_counter() - started)
+            if round_ == 0:
+                first[key] = rate
+                reference = vectors if reference is None else reference
+                best[key] = (0.0, float((vectors * reference).sum(axis=1).min()))
+            else:
+                best[key] = (max(best[key][0], rate), best[key][1])
+    for (precision, packing), (rate, cosine) in best.items():
+        attention = f", attention {encoders[(precision, packing)].attention}" if packing == "on" else ""
+        print(f"  {precision:>4} packing {packing:<3}{attention:<20} first pass {first[(precision, packing)]:8.1f} "
+              f"texts/s, best of {args.rounds} later {rate:8.1f} texts/s, min cosine to fp32 unpacked {cosine:.6f}")
 
 
 def write_log(folder: str, n_events: int, seed: int = 0, text_pool: Optional[int] = None) -> dict:
@@ -279,11 +443,28 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="occurrences of each event text in the log")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--token-budget", type=int, default=EncodeConfig.token_budget)
+    parser.add_argument("--token-budget", type=int, default=EncodeConfig.token_budget,
+                        help="tokens per model call (default: by device)")
     parser.add_argument("--num-actors", type=int, default=1, help="encoder actors (they share the cores)")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: cores / actors)")
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--st-batch-size", type=int, default=32, help="sentence-transformers' default is 32")
+    parser.add_argument("--packing", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where the job's encoder and sentence-transformers run (auto: the GPU when there is one)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's arithmetic peak at the job's precision (default: datasheet figure for "
+                             "H100/H200/A100; none on CPUs)")
+    parser.add_argument("--st-batch-sizes", type=int, nargs="+", default=None,
+                        help="sentence-transformers batch sizes tried (default: 32 on CPU; 32 128 256 512 on GPU)")
+    parser.add_argument("--st-precisions", nargs="+", default=None, choices=["fp32", "fp16", "bf16"],
+                        help="sentence-transformers precisions tried (default: fp32 on CPU; fp32 fp16 bf16 on GPU)")
+    parser.add_argument("--st-sweep-texts", type=int, default=20000,
+                        help="texts each sentence-transformers configuration is timed on before its best runs on all")
+    parser.add_argument("--in-process", action="store_true",
+                        help="TextEncoder in this process instead: every --precisions with packing off and on")
+    parser.add_argument("--precisions", nargs="+", default=None,
+                        help="--in-process: precisions (default: fp32 bf16 on CPU; fp32 tf32 bf16 fp16 on GPU)")
+    parser.add_argument("--rounds", type=int, default=3, help="--in-process: timed passes after the first")
     parser.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray")
     parser.add_argument("--log-events", type=int, nargs="*", default=None,
                         help="memory mode: generated logs of these sizes through jobs/encode.py")
@@ -294,6 +475,8 @@ def main() -> None:
         print(f"machine: {describe()}", flush=True)
         for n in args.log_events:
             memory_run(args, n)
+    elif args.in_process:
+        in_process(args)
     else:
         side_by_side(args)
 

@@ -15,8 +15,10 @@ costs). Then the job with each other worker count, on the same number of samples
 1/n as often). Only steady-state steps count: the job times its own steps (StepTimer; Ray start,
 model load, validation and checkpoints are left out) and writes the rate into the run's history,
 which this script reads from the manifest; the plain loop leaves out its first step the same way.
-Both sides train on the same device at the same precision: bf16 autocast where the job turns it
-on (FinetuneConfig.bf16: by default on CUDA GPUs and on CPUs with AMX; --bf16 on/off forces it).
+Both sides train on the same device, the job's (a CUDA GPU when torch sees one: the jobs then
+train on it through Ray Train, NCCL between workers; the header prints it and each job's line
+says where it trained), at the same precision: bf16 autocast where the job turns it on
+(FinetuneConfig.bf16: by default on CUDA GPUs and on CPUs with AMX; --bf16 on/off forces it).
 
 The profile scorer (`jobs/train.py`, run_train) is compared with training/scorer.py's train_epoch
 in this process (epochs after the first), then run through Ray Train with one worker and with two.
@@ -80,12 +82,21 @@ def plain_finetune(cfg, nice: int = 0, threads: Optional[int] = None) -> dict[st
         optimizer.step()
         steps += 1
         if since is None:
+            synchronize(device)  # a GPU runs behind the host: time from when the step really ended
             since = time.perf_counter()  # the first step is warm-up, as in the job's StepTimer
         else:
             samples += len(rows)
+    synchronize(device)
     seconds = time.perf_counter() - since
     return {"samples_per_s": samples / seconds, "steady_steps": steps - 1, "torch_threads": torch.get_num_threads(),
-            "interop_threads": torch.get_num_interop_threads(), "bf16": use_bf16, "nice": os.nice(0)}
+            "interop_threads": torch.get_num_interop_threads(), "bf16": use_bf16, "nice": os.nice(0),
+            "device": device.type}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a CUDA device (nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def plain_in_process(cfg, nice: int, threads: int, glibc_tunables: str = "") -> dict[str, Any]:
@@ -113,7 +124,8 @@ def ray_finetune(cfg) -> dict[str, Any]:
     epoch = next(h for h in manifest["history"] if h["epoch"] == 1)
     return {"samples_per_s": epoch["samples_per_s"], "steady_steps": epoch["steady_steps"],
             "torch_threads": epoch["torch_threads"], "interop_threads": epoch["interop_threads"],
-            "bf16": epoch["bf16"], "glibc_tunables": epoch["glibc_tunables"], "job_seconds": manifest["seconds"]}
+            "bf16": epoch["bf16"], "glibc_tunables": epoch["glibc_tunables"], "job_seconds": manifest["seconds"],
+            "device": "cuda" if manifest["use_gpu"] else "cpu"}
 
 
 def ray_worker_conditions() -> dict[str, Any]:
@@ -203,22 +215,29 @@ def write_random_embeddings(prepared: str, folder: str, dim: int = 384) -> None:
 
 
 def plain_scorer(cfg) -> dict[str, Any]:
-    """Cases/s of train_epoch in one process, epochs after the first."""
+    """Cases/s of train_epoch in one process on the job's device (a GPU when there is one), epochs
+    after the first."""
+    from profilerec.model.encoder import pick_device
     from profilerec.model.scorer import ProfileScorer
-    from profilerec.training.scorer import case_tensors, train_epoch, training_setup
+    from profilerec.training.scorer import case_tensors, train_epoch, training_loss, training_setup
 
+    device = pick_device()
     setup = training_setup(cfg)
     data = case_tensors(setup.recommender, setup.cases(cfg.train_splits), cfg.scorer)
     priors = setup.priors(cfg.eval_split, cfg.scorer.transition_span)
     torch.manual_seed(cfg.seed)
-    model = ProfileScorer(setup.recommender.index.vectors, priors, setup.recommender.params.window, cfg.scorer)
+    model = ProfileScorer(setup.recommender.index.vectors, priors, setup.recommender.params.window,
+                          cfg.scorer).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     rates = []
     for epoch in range(cfg.epochs):
         started = time.perf_counter()
-        train_epoch(model, optimizer, data, cfg.batch_size, torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        train_epoch(model, optimizer, data, cfg.batch_size, torch.Generator().manual_seed(cfg.seed * 1000 + epoch),
+                    device=device, loss=training_loss(len(setup.recommender.index), cfg), negatives=cfg.negatives)
+        synchronize(device)
         rates.append(len(data) / (time.perf_counter() - started))
-    return {"samples_per_s": float(np.mean(rates[1:])), "cases": len(data), "threads": torch.get_num_threads()}
+    return {"samples_per_s": float(np.mean(rates[1:])), "cases": len(data), "threads": torch.get_num_threads(),
+            "device": device.type}
 
 
 def ray_scorer(cfg) -> dict[str, Any]:
@@ -227,7 +246,8 @@ def ray_scorer(cfg) -> dict[str, Any]:
 
     manifest = run_train(cfg)
     rates = [h["samples_per_s"] for h in manifest["history"] if h["phase"] == "select"][1:]
-    return {"samples_per_s": float(np.mean(rates)), "job_seconds": manifest["seconds"]}
+    return {"samples_per_s": float(np.mean(rates)), "job_seconds": manifest["seconds"],
+            "device": "cuda" if manifest["use_gpu"] else "cpu"}
 
 
 def line(name: str, result: dict[str, Any], reference: Optional[float] = None) -> str:
@@ -272,6 +292,8 @@ def main() -> None:
 
     sample = os.path.join(os.path.dirname(__import__("profilerec").__file__), "sample_data", "amazon-industrial-sample")
     print(f"machine: {describe()}")
+    print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'} (the plain loops and the Ray Train jobs alike: "
+          f"each line names the device it trained on)")
     with tempfile.TemporaryDirectory() as tmp:
         ray_cfg = RayConfig(num_cpus=4)  # logical CPUs: two 1-CPU workers plus Ray Train's own actors
         if not args.skip_finetune:

@@ -1,17 +1,26 @@
 """The encode job on a local Ray: its vectors are the encoder's own, each distinct text once."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from profilerec.batch.encode import resolve_precision, run_encode
+from profilerec.batch.encode import PRECISION_FILE, choose_precision, run_encode
 from profilerec.config import EncodeConfig
 from profilerec.data import storage
 from profilerec.data.datasets import PreparedData, read_prepared, write_prepared
 from profilerec.data.schema import CASES_SCHEMA, InvalidRows, clean_events, clean_items
 from profilerec.data.vectors import item_texts, read_embeddings, vectors_from_arrow
 from profilerec.errors import ConfigError
-from profilerec.model.encoder import TextEncoder, text_hash
+from profilerec.model.encoder import (
+    TextEncoder,
+    device_precisions,
+    fastest_precision,
+    measure_precisions,
+    model_fingerprint,
+    text_hash,
+)
 
 
 @pytest.mark.ray
@@ -110,7 +119,66 @@ def test_bf16_vectors_stay_within_cosine_0_999_of_fp32_in_a_cache_of_their_own(t
 
 
 def test_an_unknown_precision_is_refused_with_the_choices():
-    with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16, int8, not 'fp16'"):
-        resolve_precision(EncodeConfig(precision="fp16"), use_gpu=False)
-    with pytest.raises(ConfigError, match="precision must be one of fp32, bf16, int8"):
-        TextEncoder(precision="fp16")
+    with pytest.raises(ConfigError, match="precision must be one of auto, fp32, tf32, bf16, fp16, int8, not 'fp8'"):
+        choose_precision(EncodeConfig(precision="fp8"), use_gpu=False)
+    with pytest.raises(ConfigError, match="precision must be one of fp32, tf32, bf16, fp16, int8, not 'fp8'"):
+        TextEncoder(precision="fp8")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "tf32"])
+def test_cuda_only_precisions_are_refused_on_a_cpu(precision):
+    with pytest.raises(ConfigError, match=f"precision {precision} is for CUDA GPUs, not cpu"):
+        choose_precision(EncodeConfig(precision=precision), use_gpu=False)
+    with pytest.raises(ConfigError, match=f"precision {precision} is for CUDA GPUs, not cpu"):
+        TextEncoder(device="cpu", precision=precision)
+    with pytest.raises(ConfigError, match="setting packing: 'yes' is not one of auto, on, off"):
+        choose_precision(EncodeConfig(precision="fp32", packing="yes"), use_gpu=False)
+
+
+def test_the_fastest_precision_within_cosine_0_999_of_fp32_is_chosen():
+    measured = {"fp32": {"texts_per_s": 100.0, "min_cosine": 1.0},
+                "bf16": {"texts_per_s": 300.0, "min_cosine": 0.9995},
+                "fp16": {"texts_per_s": 400.0, "min_cosine": 0.998}}
+    assert fastest_precision(measured) == "bf16"  # fp16 is faster but too far from fp32
+    assert fastest_precision({**measured, "bf16": {"texts_per_s": 90.0, "min_cosine": 0.9999}}) == "fp32"
+
+
+def test_measuring_the_precisions_times_each_against_fp32():
+    texts = ["cordless drill", "saw blade with 40 carbide teeth for hardwood and plywood", "wood glue"] * 4
+    measured = measure_precisions("default", texts, ["bf16"], batch_size=4)
+    assert set(measured) == {"fp32", "bf16"}
+    assert measured["fp32"]["min_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert 0.99 < measured["bf16"]["min_cosine"] < 0.99999  # bf16 really ran, close to fp32
+    assert all(m["texts_per_s"] > 0 for m in measured.values())
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_precision_auto_is_measured_once_per_device_then_remembered(tmp_path, ray_session):
+    texts = [f"cordless drill model {i}" for i in range(60)] + ["saw blade with 40 carbide teeth for hardwood"] * 3
+    write_search_log(tmp_path / "prepared", texts)
+    # batch_size 2: blocks of 32 texts, so the job writes several parts and has a steady rate
+    cfg = EncodeConfig(input=str(tmp_path / "prepared"), output=str(tmp_path / "first"), num_actors=1,
+                       num_cpus_per_actor=0.5, batch_size=2, cache=str(tmp_path / "cache"))
+    first = run_encode(cfg, use_gpu=False)
+    choice = first["precision_choice"]
+    assert choice["chosen_by"] == "measured" and first["precision"] in device_precisions("cpu")
+    assert set(choice["measured"]) == set(device_precisions("cpu"))
+    assert first["precision"] == fastest_precision(choice["measured"])
+    assert first["encoded"] == 63 and first["startup_seconds"] > 0 and first["steady_texts_per_second"] > 0
+    memo = storage.read_json(str(tmp_path / "cache" / PRECISION_FILE))
+    kept = memo[model_fingerprint("default", cfg.max_length, "auto")][choice["device"]]
+    assert kept["precision"] == first["precision"] and kept["measured"] == choice["measured"]
+
+    second = run_encode(dataclasses.replace(cfg, output=str(tmp_path / "second")), use_gpu=False)
+    assert second["precision_choice"]["chosen_by"] == "remembered"
+    assert second["precision_choice"]["measured"] == choice["measured"]  # not measured again
+    assert second["precision"] == first["precision"] and second["encoded"] == 0  # the same cache
+
+    # what precision.json says is what auto runs at, whatever a new measurement would say
+    other = next(p for p in device_precisions("cpu") if p != first["precision"])
+    kept["precision"] = other
+    storage.write_json(memo, str(tmp_path / "cache" / PRECISION_FILE))
+    assert choose_precision(cfg, use_gpu=False)["precision"] == other
+    assert choose_precision(dataclasses.replace(cfg, precision="fp32"), use_gpu=False) == \
+        {"precision": "fp32", "chosen_by": "setting"}

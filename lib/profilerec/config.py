@@ -98,12 +98,16 @@ class EncodeConfig:
     model: str = setting("default", "text encoder: default (bundled all-MiniLM-L6-v2), a local folder or a hub id")
     batch_size: int = setting(64, "texts per model call (at most 8 x this with token_budget)")
     max_length: int = setting(128, "tokens kept of each text")
-    token_budget: int = setting(
-        2048, "padded tokens per model call: texts are sorted by length and batched up to this budget, "
-              "so short texts go in big batches")
+    token_budget: Optional[int] = setting(
+        None, "tokens per model call: texts are sorted by length and batched up to this budget, so short "
+              "texts go in big batches; none: by device (batch_size x 32 on CPUs, from free memory on GPUs)")
     precision: str = setting(
-        "auto", "auto (bf16 on GPUs and on CPUs with AMX, else fp32) | fp32 | bf16 | int8 (CPU only: faster, "
-                "some vectors below cosine 0.99 to fp32, see docs/encoding.md)")
+        "auto", "auto (the fastest on the encoder's device within cosine 0.999 of fp32, measured once and "
+                "kept in the cache's precision.json) | fp32 | tf32 | bf16 | fp16 (tf32, fp16: CUDA only) | "
+                "int8 (CPU only: faster, some vectors below cosine 0.99 to fp32, see docs/encoding.md)")
+    packing: str = setting(
+        "auto", "auto | on | off: run the encoder on packed, unpadded texts (BERT-family models); auto: where "
+                "it measured faster (docs/encoding.md)")
     num_actors: int = setting(1, "encoder actors in the Ray Data pool")
     num_gpus_per_actor: Optional[float] = setting(
         None, "GPUs per encoder actor; none: 1 when the cluster has GPUs, else 0")

@@ -36,7 +36,7 @@ from profilerec.data.schema import (
     validate_event,
 )
 from profilerec.errors import ShardRetired, StorageUnavailable, ValidationError
-from profilerec.model.encoder import TextEncoder, text_hash
+from profilerec.model.encoder import TextEncoder, pick_device, runnable_precision, text_hash
 from profilerec.model.retrieval import check_retrieval
 from profilerec.service.auth import api_token, check_bearer
 from profilerec.service.learned import ITEMS_LOG, TEXTS_LOG
@@ -248,8 +248,8 @@ class Encoder:
         cfg = from_dict(ServeConfig, config)
         # the model and settings recorded by the encode job, so new vectors match the index
         manifest = storage.read_json(storage.join(cfg.embeddings, "manifest.json"))
-        self.encoder = TextEncoder(manifest["model"], max_length=manifest["max_length"],
-                                   precision=manifest.get("precision", "fp32"))
+        precision = runnable_precision(manifest.get("precision", "fp32"), pick_device().type)
+        self.encoder = TextEncoder(manifest["model"], max_length=manifest["max_length"], precision=precision)
         log.info("encoder ready: %s on %s (%s)", manifest["model"], self.encoder.device, self.encoder.precision)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
