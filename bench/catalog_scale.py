@@ -217,7 +217,7 @@ def run_stage(stage: str, work_dir: str, folder: str, cases: int, seconds: float
         retrieval = Retrieval(read_index(index_folder, recommender.index.item_ids, recommender.item_matrix()))
         states = case_states(last_item_cases(sequences, 300), recommender.vector_of, recommender.params,
                              recommender.index.meta)
-        brand = next(b for b in recommender.index.brands if b)
+        brand = next(b for b in recommender.index.details.base["brand"].to_pylist() if b)
         for name, request in (("", {}), (" brand", {"brand": brand})):
             answers = {}
             for mode, with_retrieval in (("exact", None), ("two-stage", retrieval)):

@@ -48,7 +48,33 @@ def test_index_from_tables_orders_vectors_by_the_catalog_and_names_items_without
     vectors = np.arange(12, dtype=np.float32).reshape(4, 3)
     embeddings = pa.table({"item_id": ["a", "b", "c", "z"], "vector": vectors_to_arrow(vectors)})
     index = index_from_tables(items, embeddings)
-    assert index.item_ids == ["c", "a", "b"] and index.titles == ["C", "A", "B"]
+    assert index.item_ids == ["c", "a", "b"] and [index.title(r) for r in range(3)] == ["C", "A", "B"]
     np.testing.assert_array_equal(index.vectors, vectors[[2, 0, 1]])
     with pytest.raises(DataError, match=r"1 items have no embedding \(e.g. \['c'\]\)"):
         index_from_tables(items, embeddings.slice(0, 2))
+
+
+def test_filters_follow_upserts_without_rebuilding_from_the_base_columns():
+    rng = np.random.default_rng(0)
+    n = 300
+    brands = [rng.choice(["Acme", "ACME", "Bolt", None]) for _ in range(n)]
+    categories = [list(rng.choice(["tools", "Paint", "garden"], size=rng.integers(0, 3), replace=False))
+                  for _ in range(n)]
+    index = ItemIndex([f"i{i}" for i in range(n)], np.eye(n, 8, dtype=np.float32), brands, categories,
+                      [f"T{i}" for i in range(n)])
+    index.allowed_rows(brand="acme")  # the lookups are made from the base columns here
+    index.upsert(["i3", "i4", "new"], np.zeros((3, 8), np.float32), ["Bolt", "acme", "Acme"],
+                 [["paint"], [], ["garden", "tools"]], ["T3", "T4", "New"])
+
+    def expected(brand=None, category=None):
+        # every row's values as the index reports them, filtered in Python
+        metas = [index.meta(item_id) for item_id in index.item_ids]
+        return [row for row, m in enumerate(metas)
+                if (brand is None or (m["brand"] or "").casefold() == brand.casefold())
+                and (category is None or category.casefold() in [c.casefold() for c in m["categories"]])]
+
+    for brand, category in [("ACME", None), ("bolt", None), (None, "PAINT"), (None, "garden"), ("acme", "tools"),
+                            ("nobody", None)]:
+        assert index.allowed_rows(brand, category).tolist() == expected(brand, category), (brand, category)
+    assert index.meta("i3") == {"brand": "Bolt", "categories": ["paint"], "title": "T3"}
+    assert index.title(index.row("new")) == "New"

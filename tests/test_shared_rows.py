@@ -18,7 +18,7 @@ from profilerec.model.priors import empty_priors, grown_priors
 from profilerec.model.scorer import ProfileScorer
 from profilerec.model.shared_rows import set_rows, spare_rows
 
-N, DIM = 20_000, 384
+N, DIM = 50_000, 384
 
 
 def _catalog(tmp_path, n=N, seed=0):
@@ -111,3 +111,25 @@ def test_the_scorers_item_matrix_follows_changed_items_row_by_row():
     np.testing.assert_allclose(scorer.item_rows(), expected, rtol=1e-5, atol=1e-6)
     unchanged = [r for r in range(50) if r != 3]
     np.testing.assert_array_equal(scorer.item_rows()[unchanged], before[unchanged])
+
+
+def _mapped_file(address: int) -> str:
+    """The file mapped at `address` in this process ("" for anonymous memory)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, *rest = line.split()
+            start, end = (int(x, 16) for x in span.split("-"))
+            if start <= address < end:
+                return rest[4] if len(rest) > 4 else ""
+    return ""
+
+
+def test_the_item_metadata_is_mapped_from_the_nodes_file_not_copied(tmp_path):
+    items, _ = _catalog(tmp_path, n=2_000)
+    items = items.set_column(items.schema.get_field_index("title"), "title",
+                             pa.array([f"A long title of item {i} " * 8 for i in range(2_000)]))
+    shared_index(items, str(tmp_path / "embeddings"))  # makes the node's file
+    index = shared_index(items, str(tmp_path / "embeddings"))
+    titles = index.details.base["title"].chunk(0).buffers()[-1]  # the characters
+    assert _mapped_file(titles.address).startswith(storage.node_private_dir())
+    assert index.meta("i7")["title"] == "A long title of item 7 " * 8

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import faiss
 import numpy as np
 from profilerec.config import IndexConfig
-from profilerec.data import storage
+from profilerec.data.datasets import read_catalog
 from profilerec.model.ann import IvfIndex, build_ivf, write_index
 from profilerec.model.recommend import load_profile_params, load_recommender
 from profilerec.model.retrieval import ExactNearest
@@ -34,8 +34,8 @@ PROBE_CHOICES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512
 def run_index(cfg: IndexConfig) -> dict[str, Any]:
     """Build the index over the catalog of `cfg.input`, choose how many clusters a search scans,
     measure its recall, write it; returns the manifest."""
-    items = storage.read_table(storage.join(cfg.input, "items.parquet"))
-    recommender = load_recommender(items, cfg.embeddings, load_profile_params(cfg.model), model=cfg.model)
+    recommender = load_recommender(read_catalog(cfg.input), cfg.embeddings, load_profile_params(cfg.model),
+                                   model=cfg.model)
     vectors = recommender.item_matrix()
     index, manifest = built_index(vectors, cfg)
     manifest["vectors"] = "scorer" if recommender.scorer is not None else "text"

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 from profilerec.config import ProfilesConfig
 from profilerec.data import storage
-from profilerec.data.datasets import iter_user_events, read_prepared
+from profilerec.data.datasets import iter_user_events, read_catalog
 from profilerec.model.priors import PriorCounter, table_rows, write_priors
 from profilerec.model.profile import ProfileParams, build_profile, states_table_schema, states_to_table
 from profilerec.model.recommend import load_profile_params, load_recommender
@@ -31,9 +31,8 @@ def run_profiles(cfg: ProfilesConfig) -> dict[str, Any]:
     and written chunk by chunk, so memory holds a few chunks whatever the size of the log."""
 
     started = time.perf_counter()
-    data = read_prepared(cfg.input, events=False)
     params = load_profile_params(cfg.model)
-    recommender = load_recommender(data.items, cfg.embeddings, params, model=cfg.model)
+    recommender = load_recommender(read_catalog(cfg.input), cfg.embeddings, params, model=cfg.model)
     counter = PriorCounter(len(recommender.index), recommender.transition_span)
     workers = default_workers(cfg.workers)
     counted = {"events": 0}
@@ -46,7 +45,7 @@ def run_profiles(cfg: ProfilesConfig) -> dict[str, Any]:
 
     users = 0
     with storage.table_writer(storage.join(cfg.output, "states.parquet"), states_table_schema()) as writer:
-        for states in map_chunks(_chunk_states, chunks(), workers, _load_recommender, (data.items, cfg, params)):
+        for states in map_chunks(_chunk_states, chunks(), workers, _load_recommender, (cfg, params)):
             writer.write_table(states)
             users += states.num_rows
             log.info("profiles of %d users built", users)
@@ -58,8 +57,10 @@ def run_profiles(cfg: ProfilesConfig) -> dict[str, Any]:
     return summary
 
 
-def _load_recommender(items: pa.Table, cfg: ProfilesConfig, params: ProfileParams) -> None:
-    worker_state()["recommender"] = load_recommender(items, cfg.embeddings, params, model=cfg.model)
+def _load_recommender(cfg: ProfilesConfig, params: ProfileParams) -> None:
+    # each worker reads the catalog itself: cheaper than a pickled copy of it from the driver
+    worker_state()["recommender"] = load_recommender(read_catalog(cfg.input), cfg.embeddings, params,
+                                                     model=cfg.model)
 
 
 def _chunk_states(events: pa.Table) -> pa.Table:

@@ -8,7 +8,7 @@ added or changed while serving (`upsert`), rows are never reordered, so a row nu
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 from profilerec.data import storage
 from profilerec.data.vectors import read_embeddings, vectors_from_arrow
 from profilerec.errors import DataError
-from profilerec.model.shared_rows import set_rows, shared_rows
+from profilerec.model.item_meta import ItemMeta, meta_table
+from profilerec.model.shared_rows import set_rows, shared_rows, shared_table, table_digest
 
 
 @dataclass
@@ -26,26 +27,28 @@ class ItemIndex:
 
     `vectors` may be given with more rows than items: the rows past them are room for items added
     later (a node-shared map, shared_rows.py); afterwards the attribute holds the items' rows only.
+    Brands, categories and titles (Python values or Arrow arrays, optional) are held in `details`
+    (item_meta.py).
     """
 
     item_ids: list[str]
     vectors: np.ndarray
-    brands: list[Optional[str]] = field(default_factory=list)
-    categories: list[list[str]] = field(default_factory=list)
-    titles: list[Optional[str]] = field(default_factory=list)
+    brands: InitVar[Optional[Sequence[Optional[str]]]] = None
+    categories: InitVar[Optional[Sequence[Sequence[str]]]] = None
+    titles: InitVar[Optional[Sequence[Optional[str]]]] = None
+    details: ItemMeta = field(init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, brands, categories, titles) -> None:
         n = len(self.item_ids)
         self._store = np.ascontiguousarray(self.vectors, dtype=np.float32)  # the rows and the room after them
         self.vectors = self._store[:n]
-        self.brands = list(self.brands) or [None] * n
-        self.categories = [list(c or []) for c in self.categories] or [[] for _ in range(n)]
-        self.titles = list(self.titles) or [None] * n
-        if not (len(self.vectors) == len(self.brands) == len(self.categories) == len(self.titles) == n):
+        none = [None] * n
+        self.details = ItemMeta(meta_table(none if brands is None else brands,
+                                           none if categories is None else categories,
+                                           none if titles is None else titles))
+        if not (len(self.vectors) == len(self.details) == n):
             raise ValueError("item index columns have different lengths")
         self.rows = {item_id: i for i, item_id in enumerate(self.item_ids)}
-        self._by_brand: Optional[dict[str, np.ndarray]] = None  # allowed_rows' lookups, made on first use
-        self._by_category: Optional[dict[str, np.ndarray]] = None
         self.shared_key: Optional[str] = None  # the name of the node-shared map of its vectors (shared_index)
 
     def __len__(self) -> int:
@@ -71,9 +74,11 @@ class ItemIndex:
     def meta(self, item_id: str) -> Optional[dict[str, Any]]:
         """Brand, categories and title of an item (for profile counters and explanations)."""
         row = self.rows.get(item_id, -1)
-        if row < 0:
-            return None
-        return {"brand": self.brands[row], "categories": self.categories[row], "title": self.titles[row]}
+        return self.details.get(row) if row >= 0 else None
+
+    def title(self, row: int) -> Optional[str]:
+        """The title of the item at `row`."""
+        return self.details.title(row)
 
     def upsert(self, item_ids: Sequence[str], vectors: np.ndarray, brands: Sequence[Optional[str]],
                categories: Sequence[Sequence[str]], titles: Sequence[Optional[str]]) -> list[int]:
@@ -85,30 +90,15 @@ class ItemIndex:
                 row = len(self.item_ids)
                 self.rows[item_id] = row
                 self.item_ids.append(item_id)
-                self.brands.append(brands[i])
-                self.categories.append(list(categories[i] or []))
-                self.titles.append(titles[i])
-            else:
-                self.brands[row] = brands[i]
-                self.categories[row] = list(categories[i] or [])
-                self.titles[row] = titles[i]
+            self.details.set(row, brands[i], categories[i], titles[i])
             rows.append(row)
         self._store, used = set_rows(self._store, len(self.vectors), rows, np.asarray(vectors, dtype=np.float32))
         self.vectors = self._store[:used]
-        self._by_brand = self._by_category = None
         return rows
 
     def allowed_rows(self, brand: Optional[str] = None, category: Optional[str] = None) -> Optional[np.ndarray]:
-        """Sorted rows of the items matching the filters (case-insensitive), or None for no filter.
-        Looked up in lists of rows per brand and per category, made once per catalog change."""
-        if brand is None and category is None:
-            return None
-        if self._by_brand is None:
-            self._by_brand, self._by_category = _rows_by_value(self.brands), _rows_by_value(self.categories)
-        empty = np.zeros(0, dtype=np.int64)
-        found = [lookup.get(value.casefold(), empty) for lookup, value in
-                 ((self._by_brand, brand), (self._by_category, category)) if value is not None]
-        return found[0] if len(found) == 1 else np.intersect1d(*found, assume_unique=True)
+        """Sorted rows of the items matching the filters (case-insensitive), or None for no filter."""
+        return self.details.rows_with(brand, category)
 
     def allowed(self, brand: Optional[str] = None, category: Optional[str] = None) -> Optional[np.ndarray]:
         """Boolean mask of items matching the filters (case-insensitive), or None for no filter."""
@@ -144,16 +134,6 @@ def best_rows(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray,
     return rows[top], scores[top]
 
 
-def _rows_by_value(column: list) -> dict[str, np.ndarray]:
-    """casefolded value -> sorted rows having it, for a column of values or lists of values."""
-    found: dict[str, list[int]] = {}
-    for row, values in enumerate(column):
-        for value in values if isinstance(values, list) else [values]:
-            if value is not None:
-                found.setdefault(value.casefold(), []).append(row)
-    return {value: np.unique(np.asarray(rows, dtype=np.int64)) for value, rows in found.items()}
-
-
 def index_from_tables(items: pa.Table, embeddings: pa.Table) -> ItemIndex:
     """An index over every item of `items`, with its vector from `embeddings` (item_id, vector).
     Vectorised with Arrow: a million items take no Python object per vector."""
@@ -169,15 +149,16 @@ def index_from_tables(items: pa.Table, embeddings: pa.Table) -> ItemIndex:
 
 
 def shared_index(items: pa.Table, embeddings: str) -> ItemIndex:
-    """index_from_tables over the embeddings folder's item vectors, held in this node's shared map
-    (shared_rows.py): the processes of a node that load the same catalog and embeddings hold the
-    vectors once, and the first of them reads the embeddings."""
+    """index_from_tables over the embeddings folder's item vectors, with the vectors and the item
+    metadata held in this node's shared maps (shared_rows.py): the processes of a node that load
+    the same catalog and embeddings hold them once, and the first of them reads the embeddings."""
     ids = items.column("item_id").to_pylist()
     digest = hashlib.blake2b("\n".join(ids).encode("utf-8"), digest_size=12)
     digest.update(storage.fingerprint(storage.join(embeddings, "items")).encode())
     key = f"items-{digest.hexdigest()}"
     store = shared_rows(key, lambda: index_from_tables(items, read_embeddings(embeddings, "items")).vectors)
-    index = ItemIndex(ids, store, items.column("brand").to_pylist(), items.column("categories").to_pylist(),
-                      items.column("title").to_pylist())
+    meta = meta_table(items.column("brand"), items.column("categories"), items.column("title"))
+    meta = shared_table(f"meta-{table_digest(meta)}", lambda: meta)
+    index = ItemIndex(ids, store, meta.column("brand"), meta.column("categories"), meta.column("title"))
     index.shared_key = key
     return index

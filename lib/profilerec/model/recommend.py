@@ -134,7 +134,7 @@ class Recommender:
             rows, top = self.index.top_k(self.scores([state])[0], k, exclude, mask)
         else:
             rows, top = self.two_stage_top([state], k, [exclude], allowed)[0]
-        return [{"item_id": self.index.item_ids[r], "score": float(s), "title": self.index.titles[r]}
+        return [{"item_id": self.index.item_ids[r], "score": float(s), "title": self.index.title(r)}
                 for r, s in zip(rows, top)]
 
     def two_stage_top(self, states: Sequence[ProfileState], k: int, exclude: Sequence[Sequence[int]],

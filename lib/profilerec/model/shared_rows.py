@@ -1,4 +1,5 @@
-"""Matrices of float32 rows that the processes of a node share, and room to add rows to them.
+"""Matrices of float32 rows (and Arrow tables) that the processes of a node share, and room to
+add rows to the matrices.
 
 A large catalog's item vectors (a million items of 384 floats: 1.5 GB) would be copied into every
 shard and replica. Here the first process of a node that needs a matrix writes it to a `.npy` file
@@ -7,6 +8,9 @@ together never map a half-written file); every process maps that file copy-on-wr
 live once in the page cache. Items added or changed while serving write into the map: only those
 pages become private to the process. The file holds spare rows past the matrix for the items
 added later; when they run out, the process grows a private copy.
+
+An Arrow table (a large catalog's titles, brands and categories) is shared the same way, as an
+Arrow IPC file that every process maps: its columns are read from the page cache, never copied.
 
 A file is named after what it was made from (the caller's key), so a new encode or a retrained
 scorer gets a new file; old files stay until the temp folder is cleaned.
@@ -17,7 +21,10 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+import hashlib
+
 import numpy as np
+import pyarrow as pa
 from profilerec.data import storage
 
 
@@ -42,6 +49,28 @@ def shared_rows(key: str, make: Callable[[], np.ndarray]) -> np.ndarray:
         os.replace(partial, path)
     # a plain view of the map: slicing a np.memmap makes a memmap object per slice
     return np.asarray(np.load(path, mmap_mode="c"))
+
+
+def shared_table(key: str, make: Callable[[], pa.Table]) -> pa.Table:
+    """This node's map of the Arrow table named `key`, made with `make` when no process of the
+    node made it yet (written under a temporary name, then renamed, as shared_rows does)."""
+    path = os.path.join(storage.node_private_dir(), f"table-{key}.arrow")
+    if not os.path.exists(path):
+        table = make()
+        partial = f"{path}.{os.getpid()}.partial"
+        with pa.OSFile(partial, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(partial, path)
+    # the table's buffers keep the map open after the function returns
+    return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+
+
+def table_digest(table: pa.Table) -> str:
+    """A hex digest of a table's schema and values (its Arrow IPC stream), to name its shared file."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.blake2b(sink.getvalue(), digest_size=12).hexdigest()
 
 
 def set_rows(store: np.ndarray, used: int, rows: list[int], vectors: np.ndarray) -> tuple[np.ndarray, int]:

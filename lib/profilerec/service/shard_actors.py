@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 import ray
 from profilerec.config import ServeConfig, from_dict, to_dict
 from profilerec.data import storage
+from profilerec.data.datasets import read_catalog
 from profilerec.data.schema import Event
 from profilerec.errors import ValidationError
 from profilerec.model.encoder import text_hash
@@ -53,8 +54,7 @@ def load_serving_recommender(cfg: ServeConfig, learned: Optional[dict[str, Vecto
     with, including the items and event texts learned while serving (the files of the `learned`
     logs not applied yet; see serving_logs)."""
 
-    items = storage.read_table(storage.join(cfg.prepared, "items.parquet"))
-    recommender = load_recommender(items, cfg.embeddings, load_profile_params(cfg.model), model=cfg.model)
+    recommender = load_recommender(read_catalog(cfg.prepared), cfg.embeddings, load_profile_params(cfg.model), model=cfg.model)
     if cfg.profiles:
         recommender.set_priors(read_priors(cfg.profiles, recommender.index))
     recommender.use_retrieval(cfg.retrieval)  # first: items learned below count as changed since the index

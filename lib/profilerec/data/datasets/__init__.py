@@ -22,7 +22,7 @@ from profilerec.data.schema import CASES_SCHEMA, EVENTS_SCHEMA, ITEMS_SCHEMA, In
 from profilerec.errors import ConfigError, DataError
 
 __all__ = ["PreparedData", "SOURCES", "load_source", "prepare", "write_prepared", "read_prepared",
-           "read_prepared_table", "prepared_manifest", "iter_user_events", "describe"]
+           "read_prepared_table", "read_catalog", "prepared_manifest", "iter_user_events", "describe"]
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,17 @@ def read_prepared(uri: str, events: bool = True) -> PreparedData:
         invalid.add(reason, int(n), bad.get("examples", {}).get(reason, []))
     return PreparedData(tables["events"], tables["items"], tables["cases"], manifest.get("max_history"), invalid,
                         list(manifest.get("notes", [])), manifest.get("source", ""), manifest.get("input", ""))
+
+
+CATALOG_COLUMNS = ["item_id", "title", "brand", "categories"]  # what scoring and filters read of an item
+
+
+def read_catalog(uri: str) -> pa.Table:
+    """The items of a prepared folder with only the columns scoring and filters use
+    (CATALOG_COLUMNS): the descriptions, most of a large catalog's bytes, stay on disk."""
+    location = storage.join(uri, "items.parquet")
+    schema = pa.schema([ITEMS_SCHEMA.field(name) for name in CATALOG_COLUMNS])
+    return _conform(storage.read_table(location, columns=CATALOG_COLUMNS), schema, location)
 
 
 def iter_user_events(uri: str, rows: Optional[int] = None) -> Iterator[pa.Table]:
