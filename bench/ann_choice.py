@@ -1,5 +1,6 @@
-"""Which ANN library and index for million-item catalogs, by measurement: faiss HNSW, faiss IVF-Flat
-and usearch HNSW side by side on catalogs grown from a demo work folder's item embeddings.
+"""Which ANN library and index for million-item catalogs, by measurement: faiss HNSW, faiss IVF-Flat,
+the project's own index (model/ann.py: faiss IVF-PQ fast-scan codes with an exact rerank) and
+usearch HNSW side by side on catalogs grown from a demo work folder's item embeddings.
 
     python bench/ann_choice.py --work_dir /tmp/fresh/work --sizes 100000,1000000
 
@@ -53,6 +54,7 @@ import faiss
 import numpy as np
 from machine import describe
 from profilerec.data.vectors import read_embeddings, vectors_from_arrow
+from profilerec.model.ann import build_ivf, exact_rerank, rerank_fetch
 from synthetic_catalog import grown_vectors, query_vectors
 from usearch.index import BatchMatches, Index
 
@@ -148,7 +150,7 @@ class Candidate:
 
     name: str
     lib: str  # "faiss" or "usearch"
-    kind: str  # "hnsw", "ivf" or "usearch"
+    kind: str  # "hnsw", "ivf", "ivf-pq" (model/ann.py's build_ivf and rerank) or "usearch"
     grid: list[int]
     dtype: str = "f32"
     connectivity: int = 32
@@ -162,6 +164,8 @@ class Candidate:
             index.hnsw.efConstruction = ef_construction
             index.add(vectors)
             return index
+        if self.kind == "ivf-pq":
+            return build_ivf(vectors, threads=threads)
         if self.kind == "ivf":
             faiss.omp_set_num_threads(threads)
             nlist = int(round(4 * np.sqrt(n)))
@@ -181,7 +185,9 @@ class Candidate:
 
     def save(self, index: Any, path: str) -> None:
         """Write the index to `path`."""
-        if self.lib == "faiss":
+        if self.kind == "ivf-pq":
+            faiss.write_index(index.index, path)
+        elif self.lib == "faiss":
             faiss.write_index(index, path)
         else:
             index.save(path)
@@ -189,6 +195,11 @@ class Candidate:
     def search(self, index: Any, queries: np.ndarray, k: int, param: int, threads: int,
                selector: Any = None) -> np.ndarray:
         """[len(queries), k] item keys, -1 where fewer than k were found."""
+        if self.kind == "ivf-pq":  # as IvfIndex.search, with the bench's selector
+            faiss.omp_set_num_threads(threads)
+            params = faiss.SearchParametersIVF(nprobe=param, sel=selector)
+            rows = index.index.search(queries, rerank_fetch(k), params=params)[1]
+            return exact_rerank(rows, queries, index.rerank, k)
         if self.lib == "faiss":
             faiss.omp_set_num_threads(threads)
             params = (faiss.SearchParametersIVF(nprobe=param, sel=selector) if self.kind == "ivf"
@@ -208,11 +219,13 @@ class Candidate:
 
 # From k up: faiss HNSW returns fewer than k items when efSearch < k (usearch searches with k anyway).
 HNSW_GRID = [300, 400, 600, 800, 1200, 1600, 2400, 3200, 4800]
+IVF_GRID = [8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768]
 CANDIDATES = [
     Candidate("faiss HNSWFlat M32", "faiss", "hnsw", HNSW_GRID),
-    Candidate("faiss IVF-Flat", "faiss", "ivf", [8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768]),
+    Candidate("faiss IVF-Flat", "faiss", "ivf", IVF_GRID),
     *[Candidate(f"usearch {dtype} c{c}", "usearch", "usearch", HNSW_GRID, dtype, c)
       for dtype, c in [("f32", 16), ("f16", 16), ("f32", 32), ("f16", 32)]],
+    Candidate("IVF-PQ4fs + rerank", "faiss", "ivf-pq", IVF_GRID),  # last: capabilities() probes the first three
 ]
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from profilerec.config import ScorerConfig
 from profilerec.data.schema import ITEMS_SCHEMA, Event
-from profilerec.model.ann import build_ivf
+from profilerec.model.ann import build_ivf, exact_rerank
 from profilerec.model.index import ItemIndex
 from profilerec.model.priors import item_priors
 from profilerec.model.profile import ProfileParams, ProfileState, apply_event
@@ -172,3 +172,13 @@ def test_items_added_while_serving_are_retrievable_at_once(with_scorer):
     assert "fresh" in [item["item_id"] for item in top]
     recommender.retrieval = None
     _same_answers([recommender.recommend(states[0], k=10)], [top])
+
+
+def test_the_codes_candidates_are_reranked_by_the_exact_inner_product():
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(50, 8)).astype(np.float32)
+    queries = rng.normal(size=(2, 8)).astype(np.float32)
+    rows = np.array([[4, 9, 1, 30, -1, -1], [7, -1, -1, -1, -1, -1]])
+    out = exact_rerank(rows, queries, vectors, 3)
+    expected = sorted([4, 9, 1, 30], key=lambda r: -float(vectors[r] @ queries[0]))[:3]
+    assert out[0].tolist() == expected and out[1].tolist() == [7, -1, -1]

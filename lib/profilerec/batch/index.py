@@ -53,7 +53,7 @@ def built_index(vectors: np.ndarray, cfg: IndexConfig) -> tuple[IvfIndex, dict[s
     truth = exact_nearest(vectors, queries, max(RECALL_AT))
     index.probes = cfg.probes or fewest_probes(index, queries, truth, cfg.target_recall)
     manifest = {
-        "kind": "ivf-flat", "library": f"faiss {faiss.__version__}", "metric": "inner product",
+        "kind": "ivf-pq-fastscan+rerank", "library": f"faiss {faiss.__version__}", "metric": "inner product",
         "items": len(vectors), "dim": int(vectors.shape[1]), "build_seconds": round(build_seconds, 2),
         "recall_queries": cfg.recall_queries,
         **{f"recall@{k}": round(recall(index, queries, truth, k), 4) for k in RECALL_AT},

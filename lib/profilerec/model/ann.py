@@ -1,13 +1,16 @@
-"""The nearest-neighbour index over item vectors: an inverted-file index of faiss (IVF-Flat,
-faiss-cpu), by inner product.
+"""The nearest-neighbour index over item vectors: an inverted-file index of faiss (faiss-cpu) with
+4-bit product-quantised codes scanned by SIMD lookups (IVF-PQ fast-scan), and an exact rerank.
 
 The vectors are split into `lists` clusters (spherical k-means on a sample); a search compares the
-query with the cluster centres and scans the `probes` nearest clusters exactly. `profilerec index`
+query with the cluster centres, scans the codes of the `probes` nearest clusters for the
+rerank_fetch(n) best by approximate inner product, and reranks those by the exact inner product
+with the vectors themselves (the caller's node-shared item matrix), keeping the n best. The codes
+(half a byte per two dimensions) are a sixteenth of the vectors' size and scan several times
+faster than the vectors themselves at the same recall (docs/benchmarks.md). `profilerec index`
 builds it over the vectors the scorer compares user vectors with, chooses `probes` by measuring
 recall on a sample of user-like queries, and writes it to a folder with the item ids of its rows,
 a sample of the vectors it was built from (so a server can tell that the model changed since) and
-a manifest. A server opens the file memory-mapped: the vectors stay in the page cache, shared by
-every process of the node that opens the same file.
+a manifest. A server opens the file memory-mapped.
 
 Why this index, of faiss, against faiss's HNSW graph and usearch's (hnswlib has no wheel here):
 bench/ann_choice.py, figures in docs/benchmarks.md. On catalogs grown from real item embeddings,
@@ -41,14 +44,21 @@ MANIFEST_FILE = "manifest.json"
 SAMPLE_SIZE = 1000
 TRAINING_POINTS_PER_LIST = 64  # k-means sample: enough per cluster for stable centres
 KMEANS_ROUNDS = 10
+# candidates read from the codes and reranked exactly: RERANK_FETCH per item returned, at least
+# RERANK_MIN (the codes' order is rough enough that even a top 10 needs hundreds reranked)
+RERANK_FETCH = 5
+RERANK_MIN = 1000
 
 
 @dataclass
 class IvfIndex:
-    """An IVF index over item rows [0, size), searched by inner product (retrieval.NearestItems)."""
+    """An IVF index over item rows [0, size), searched by inner product (retrieval.NearestItems).
+    `rerank`: the vectors of the rows (at least `size` of them) that the codes' candidates are
+    reranked by; None ranks by the codes alone (while choosing nothing but clusters)."""
 
-    index: Any  # faiss.IndexIVFFlat
+    index: Any  # faiss.IndexIVFPQFastScan
     probes: int
+    rerank: Optional[np.ndarray] = None
 
     @property
     def size(self) -> int:
@@ -68,8 +78,28 @@ class IvfIndex:
             wider = min(self.index.nlist, math.ceil(probes / share))
             selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
             params = faiss.SearchParametersIVF(nprobe=wider, sel=selector)
-        _, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), n, params=params)
-        return rows.astype(np.int64, copy=False)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        fetch = n if self.rerank is None else rerank_fetch(n)
+        _, rows = self.index.search(queries, fetch, params=params)
+        rows = rows.astype(np.int64, copy=False)
+        return rows if self.rerank is None else exact_rerank(rows, queries, self.rerank, n)
+
+
+def rerank_fetch(n: int) -> int:
+    """How many candidates to read from the codes for `n` reranked rows."""
+    return max(n * RERANK_FETCH, RERANK_MIN)
+
+
+def exact_rerank(rows: np.ndarray, queries: np.ndarray, vectors: np.ndarray, n: int) -> np.ndarray:
+    """[B, n] of each query's `rows` (-1: none) ordered by the exact inner product with `vectors`,
+    the n best, -1 past the rows found."""
+    out = np.full((len(rows), n), -1, dtype=np.int64)
+    for b, found in enumerate(rows):
+        found = found[found >= 0]
+        scores = vectors[found] @ queries[b]
+        best = found[np.argsort(-scores, kind="stable")[:n]]
+        out[b, :len(best)] = best
+    return out
 
 
 def default_lists(n: int) -> int:
@@ -80,14 +110,17 @@ def default_lists(n: int) -> int:
 
 def build_ivf(vectors: np.ndarray, lists: Optional[int] = None, probes: int = 32,
               threads: Optional[int] = None, seed: int = 0) -> IvfIndex:
-    """An IVF index over `vectors` ([items, D] float32; row i = item row i) with `lists` clusters
-    (default_lists when None), searching `probes` of them."""
+    """An IVF-PQ fast-scan index over `vectors` ([items, D] float32; row i = item row i) with
+    `lists` clusters (default_lists when None), searching `probes` of them, reranking by `vectors`."""
     if threads:
         faiss.omp_set_num_threads(threads)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     lists = lists or default_lists(len(vectors))
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(vectors.shape[1]), vectors.shape[1], lists,
-                               faiss.METRIC_INNER_PRODUCT)
+    dim = vectors.shape[1]
+    # 4-bit codes of 2-dimension sub-vectors (of 1 for an odd dimension): fine enough that an exact
+    # rerank of rerank_fetch(n) candidates keeps the clusters' recall
+    index = faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(dim), dim, lists, dim // 2 if dim % 2 == 0 else dim, 4,
+                                     faiss.METRIC_INNER_PRODUCT)
     index.cp.spherical = True  # unit vectors compared by inner product: unit centres
     # fewer k-means rounds than faiss's default: the index job chooses the probes by measured recall,
     # so rougher clusters cost a few more probes, not recall, and the build takes a fraction
@@ -95,9 +128,9 @@ def build_ivf(vectors: np.ndarray, lists: Optional[int] = None, probes: int = 32
     index.cp.seed = seed
     sample = np.random.default_rng(seed).choice(len(vectors), min(len(vectors), TRAINING_POINTS_PER_LIST * lists),
                                                 replace=False)
-    index.train(vectors[np.sort(sample)])
+    index.train(vectors[np.sort(sample)])  # the codebooks take a subsample of it themselves
     index.add(vectors)
-    return IvfIndex(index, min(probes, lists))
+    return IvfIndex(index, min(probes, lists), vectors)
 
 
 def sample_rows(n: int) -> np.ndarray:
@@ -155,7 +188,7 @@ def read_index(folder: str, item_ids: list[str], vectors: np.ndarray) -> IvfInde
         raise DataError(f"the index in {folder} was built from other item vectors (the model or the "
                         f"embeddings changed since): {rebuild}")
     index = faiss.read_index(os.path.join(local, INDEX_FILE), faiss.IO_FLAG_MMAP_IFC)
-    return IvfIndex(index, int(manifest["probes"]))
+    return IvfIndex(index, int(manifest["probes"]), vectors)
 
 
 def _node_copy(folder: str, build_id: str) -> str:
