@@ -290,7 +290,9 @@ def main() -> None:
                   f"{time.perf_counter() - started:.0f} s", flush=True)
             results[size] = {}
             for stage in args.stages.split(","):
-                env = {**os.environ, "OMP_NUM_THREADS": str(THREADS.get(stage, 2))}
+                # the service's processes set their own threads, as they do under any `ray start`
+                threads = {} if stage == "serve" else {"OMP_NUM_THREADS": str(THREADS.get(stage, 2))}
+                env = {**os.environ, **threads}
                 done = subprocess.run([sys.executable, __file__, "--stage", stage, "--folder", folder,
                                        "--work_dir", args.work_dir, "--cases", str(args.cases),
                                        "--serve_seconds", str(args.serve_seconds)],

@@ -69,11 +69,19 @@ def _one_thread_each() -> contextlib.AbstractContextManager:
     return environment(**dict.fromkeys(("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"), "1"))
 
 
-def _init(initializer: Optional[Callable[..., None]], initargs: tuple) -> None:
-    # one torch thread per process: the processes share the cores
+def use_one_thread() -> None:
+    """One torch thread and one faiss thread in this process, for processes that share the cores
+    with others (pool workers, the service's replicas and shards): intra-op threads would only
+    contend with the other processes, and their pools spin idle between calls."""
+    import faiss
     import torch
 
     torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+
+
+def _init(initializer: Optional[Callable[..., None]], initargs: tuple) -> None:
+    use_one_thread()  # the processes share the cores
     try:
         if initializer is not None:
             initializer(*initargs)

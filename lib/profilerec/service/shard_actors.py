@@ -36,6 +36,7 @@ from profilerec.errors import ValidationError
 from profilerec.model.encoder import text_hash
 from profilerec.model.priors import read_priors
 from profilerec.model.recommend import Recommender, load_profile_params, load_recommender
+from profilerec.runtime.parallel import use_one_thread
 from profilerec.service.learned import ITEMS_LOG, TEXTS_LOG, VectorLog
 from profilerec.service.profile_board import BoardWriter
 from profilerec.service.read_channel import serve_reads, socket_path
@@ -54,11 +55,17 @@ def load_serving_recommender(cfg: ServeConfig, learned: Optional[dict[str, Vecto
     with, including the items and event texts learned while serving (the files of the `learned`
     logs not applied yet; see serving_logs)."""
 
+    # a request is scored on one thread: requests, replicas and shards share the cores, whatever
+    # OMP_NUM_THREADS the node's Ray was started with
+    use_one_thread()
     recommender = load_recommender(read_catalog(cfg.prepared), cfg.embeddings, load_profile_params(cfg.model), model=cfg.model)
     if cfg.profiles:
         recommender.set_priors(read_priors(cfg.profiles, recommender.index))
     recommender.use_retrieval(cfg.retrieval)  # first: items learned below count as changed since the index
     apply_learned(recommender, learned or serving_logs(cfg))
+    if recommender.scorer is not None:
+        # the scorer's item rows now, not on the first request (seconds at a million items)
+        recommender.scorer.frozen()
     return recommender
 
 
