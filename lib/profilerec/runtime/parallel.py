@@ -70,9 +70,9 @@ def _one_thread_each() -> contextlib.AbstractContextManager:
 
 
 def use_one_thread() -> None:
-    """One torch thread and one faiss thread in this process, for processes that share the cores
-    with others (pool workers, the service's replicas and shards): intra-op threads would only
-    contend with the other processes, and their pools spin idle between calls."""
+    """One torch thread and one faiss thread in this process, for pool workers that share the
+    cores with each other: intra-op threads would only contend with the other workers, and their
+    pools spin idle between calls."""
     import faiss
     import torch
 

@@ -27,7 +27,9 @@ import os
 import time
 from typing import Any, Optional, Sequence
 
+import faiss
 import ray
+import torch
 from profilerec.config import ServeConfig, from_dict, to_dict
 from profilerec.data import storage
 from profilerec.data.datasets import read_catalog
@@ -36,7 +38,6 @@ from profilerec.errors import ValidationError
 from profilerec.model.encoder import text_hash
 from profilerec.model.priors import read_priors
 from profilerec.model.recommend import Recommender, load_profile_params, load_recommender
-from profilerec.runtime.parallel import use_one_thread
 from profilerec.service.learned import ITEMS_LOG, TEXTS_LOG, VectorLog
 from profilerec.service.profile_board import BoardWriter
 from profilerec.service.read_channel import serve_reads, socket_path
@@ -56,8 +57,9 @@ def load_serving_recommender(cfg: ServeConfig, learned: Optional[dict[str, Vecto
     logs not applied yet; see serving_logs)."""
 
     # a request is scored on one thread: requests, replicas and shards share the cores, whatever
-    # OMP_NUM_THREADS the node's Ray was started with
-    use_one_thread()
+    # OMP_NUM_THREADS the node's Ray was started with (an idle thread pool also spins between calls)
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
     recommender = load_recommender(read_catalog(cfg.prepared), cfg.embeddings, load_profile_params(cfg.model), model=cfg.model)
     if cfg.profiles:
         recommender.set_priors(read_priors(cfg.profiles, recommender.index))
