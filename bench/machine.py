@@ -13,14 +13,9 @@ import platform
 def describe() -> str:
     """Host, cores, CPU model (and whether it multiplies bf16 in hardware), memory, GPU, torch."""
     import torch
-    from profilerec.model.encoder import cpu_multiplies_bf16
+    from profilerec.model.encoder import cpu_model, cpu_multiplies_bf16
 
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model() or platform.machine()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"

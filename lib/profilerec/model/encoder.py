@@ -148,13 +148,16 @@ def device_name(device: torch.device) -> str:
     the CPU's model name and whether it multiplies bf16 in hardware."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = ""
+    return f"cpu {cpu_model() or 'unknown'}{' (AMX)' if cpu_multiplies_bf16() else ''}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
-        pass
-    return f"cpu {model or 'unknown'}{' (AMX)' if cpu_multiplies_bf16() else ''}"
+        return ""
 
 
 def default_token_budget(device: torch.device, batch_size: int, config: object) -> int:

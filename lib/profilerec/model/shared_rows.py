@@ -5,8 +5,9 @@ A large catalog's item vectors (a million items of 384 floats: 1.5 GB) would be 
 shard and replica. Here the first process of a node that needs a matrix writes it to a `.npy` file
 in the node's private temp folder (under a lock, so processes starting together wait for it
 rather than each making one; under a temporary name, then renamed, so none maps a half-written
-file); every process maps that file copy-on-write, so the pages live once in the page cache. Items added or changed while serving write into the map: only those
-pages become private to the process. The file holds spare rows past the matrix for the items
+file); every process maps that file copy-on-write, so the pages live once in the page cache.
+Items added or changed while serving write into the map: only those pages become private to the
+process. The file holds spare rows past the matrix for the items
 added later; when they run out, the process grows a private copy.
 
 An Arrow table (a large catalog's titles, brands and categories) is shared the same way, as an
@@ -19,9 +20,8 @@ scorer gets a new file; old files stay until the temp folder is cleaned.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator
+from typing import Callable
 
-import contextlib
 import fcntl
 import hashlib
 
@@ -39,34 +39,49 @@ def shared_rows(key: str, make: Callable[[], np.ndarray]) -> np.ndarray:
     """This node's copy-on-write map of the matrix named `key`, made with `make` (an [rows, D]
     float32 array) when no process of the node made it yet. Its first rows are the matrix, the
     rest room for rows added later (set_rows); the caller knows how many rows the matrix has."""
-    path = os.path.join(storage.node_private_dir(), f"rows-{key}.npy")
-    with _making(path):
-        if not os.path.exists(path):
-            matrix = np.asarray(make(), dtype=np.float32)
-            partial = f"{path}.{os.getpid()}.partial"
-            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
-                                            shape=(len(matrix) + spare_rows(len(matrix)), matrix.shape[1]))
-            out[:len(matrix)] = matrix
-            out.flush()
-            del out, matrix
-            os.replace(partial, path)
+
+    def write(partial: str) -> None:
+        matrix = np.asarray(make(), dtype=np.float32)
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
+                                        shape=(len(matrix) + spare_rows(len(matrix)), matrix.shape[1]))
+        out[:len(matrix)] = matrix
+        out.flush()
+
+    path = _node_file(f"rows-{key}.npy", write)
     # a plain view of the map: slicing a np.memmap makes a memmap object per slice
     return np.asarray(np.load(path, mmap_mode="c"))
 
 
 def shared_table(key: str, make: Callable[[], pa.Table]) -> pa.Table:
     """This node's map of the Arrow table named `key`, made with `make` when no process of the
-    node made it yet (written under a temporary name, then renamed, as shared_rows does)."""
-    path = os.path.join(storage.node_private_dir(), f"table-{key}.arrow")
-    with _making(path):
-        if not os.path.exists(path):
-            table = make()
-            partial = f"{path}.{os.getpid()}.partial"
-            with pa.OSFile(partial, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
-            os.replace(partial, path)
+    node made it yet."""
+
+    def write(partial: str) -> None:
+        table = make()
+        with pa.OSFile(partial, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+
+    path = _node_file(f"table-{key}.arrow", write)
     # the table's buffers keep the map open after the function returns
     return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+
+
+def _node_file(name: str, write: Callable[[str], None]) -> str:
+    """The path of the file `name` in the node's private folder, written by `write(path)` first
+    when no process of the node has: under the node's lock for it (processes starting together
+    wait for the first one's file instead of each making and mapping their own), under a
+    temporary name and then renamed (no process maps a half-written file)."""
+    path = os.path.join(storage.node_private_dir(), name)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not os.path.exists(path):
+                partial = f"{path}.{os.getpid()}.partial"
+                write(partial)
+                os.replace(partial, path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return path
 
 
 def table_digest(table: pa.Table) -> str:
@@ -75,18 +90,6 @@ def table_digest(table: pa.Table) -> str:
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return hashlib.blake2b(sink.getvalue(), digest_size=12).hexdigest()
-
-
-@contextlib.contextmanager
-def _making(path: str) -> Iterator[None]:
-    """Hold the node's lock for making the file at `path`: processes starting together wait for
-    the first one's file instead of each making (and then mapping) their own."""
-    with open(f"{path}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def set_rows(store: np.ndarray, used: int, rows: list[int], vectors: np.ndarray) -> tuple[np.ndarray, int]:
