@@ -22,6 +22,7 @@ from profilerec.model.index import ItemIndex, best_rows, shared_index
 from profilerec.model.priors import ItemPriors, empty_priors, grown_priors
 from profilerec.model.profile import ProfileParams, ProfileState, event_embedding, interest_vectors, zero_shot_query
 from profilerec.model.retrieval import Retrieval, configured_retrieval
+from profilerec.model.row_sets import distinct, member
 from profilerec.model.scorer import (
     SCORER_META,
     ProfileScorer,
@@ -35,6 +36,9 @@ from profilerec.model.scorer import (
 from profilerec.model.text_vectors import TextVectors, empty_text_vectors, load_text_vectors
 
 SCORER_DIR = "scorer"  # inside a model folder, next to a fine-tuned `encoder`
+# items lifted by their popularity that one two-stage ranking scores at most beyond its candidates:
+# past it, the ranking may miss an item that only its popularity places (a bound on the cost)
+LIFTED_LIMIT = 10_000
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Recommender:
         # popularity_scores and popular_rows, made on first use, dropped when the priors or items change
         self._popularity: Optional[np.ndarray] = None
         self._popular: Optional[np.ndarray] = None
+        self._lift_order: Optional[tuple[Any, np.ndarray, np.ndarray]] = None  # see _by_popularity_term
 
     def vector_of(self, event: Event) -> Optional[np.ndarray]:
         """The embedding `event` adds to a profile (item and/or its own text), or None."""
@@ -144,17 +149,45 @@ class Recommender:
         filter leaves fewer than `k` candidates, every allowed item is scored."""
         if self.retrieval is None:
             raise ValueError("two_stage_top needs a Recommender with retrieval")
-        excluded = [np.unique(np.asarray(rows, dtype=np.int64)) for rows in exclude]
+        excluded = [distinct(rows) for rows in exclude]
         warm = [i for i, state in enumerate(states) if state.recent or state.long_sum is not None]
         out = {i: self._cold_top(k, excluded[i], allowed) for i in sorted(set(range(len(states))) - set(warm))}
         if warm:
             parts = self.score_parts([states[i] for i in warm])
             popular = self._popular_among(allowed, self.retrieval.popular)
-            candidates = self.retrieval.candidates(parts, self.item_matrix(), popular, allowed)
+            found = self.retrieval.candidates(parts, self.item_matrix(), popular, allowed)
             for b, i in enumerate(warm):
-                rows = np.setdiff1d(candidates[b], excluded[i], assume_unique=True)
-                out[i] = best_rows(rows, self.row_scores(parts.of(b), rows)[0], k)
+                rows = found.rows[b][~member(found.rows[b], excluded[i])]
+                top = best_rows(rows, self.row_scores(parts.of(b), rows)[0], k)
+                lifted = self._lifted_rows(top, k, found.reach[b], rows, excluded[i], allowed)
+                if len(lifted):
+                    rows = distinct(np.concatenate([top[0], lifted]))
+                    top = best_rows(rows, self.row_scores(parts.of(b), rows)[0], k)
+                out[i] = top
         return [out[i] for i in range(len(states))]
+
+    def _lifted_rows(self, top: tuple[np.ndarray, np.ndarray], k: int, reach: float, scored: np.ndarray,
+                     excluded: np.ndarray, allowed: Optional[np.ndarray]) -> np.ndarray:
+        """The items outside the `scored` candidates that may still beat the k-th of `top`: an item
+        outside them is at most `reach` similar to the user (retrieval.Candidates), so only a
+        popularity term above the k-th score minus that similarity's term can place it. Those are
+        the first items by decreasing popularity term, LIFTED_LIMIT of them at most."""
+        if self.scorer is None or len(top[0]) < k or not np.isfinite(reach):
+            return np.zeros(0, dtype=np.int64)
+        order, lowered = self._by_popularity_term()
+        needed = top[1][-1] - self.scorer.frozen().scale * reach  # a tie may place an item too
+        lifted = order[: min(int(np.searchsorted(lowered, -needed, side="right")), LIFTED_LIMIT)]
+        lifted = lifted[~member(lifted, scored) & ~member(lifted, excluded)]
+        return lifted if allowed is None else lifted[member(lifted, allowed)]
+
+    def _by_popularity_term(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every item row by decreasing popularity term of the scorer, and those terms negated
+        (ascending, for searchsorted); kept while the scorer's frozen weights are the same."""
+        frozen = self.scorer.frozen()
+        if self._lift_order is None or self._lift_order[0] is not frozen:
+            order = np.lexsort((np.arange(len(frozen.popularity)), -frozen.popularity))
+            self._lift_order = (frozen, order, -frozen.popularity[order].astype(np.float64))
+        return self._lift_order[1], self._lift_order[2]
 
     def _cold_top(self, k: int, excluded: np.ndarray, allowed: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The top-`k` of a profile with no event: the most popular allowed items."""

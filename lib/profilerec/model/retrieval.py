@@ -13,10 +13,11 @@ A profile's candidates are
   followed them in the log (transitions).
 
 The scorer then scores the candidates only (scorer.frozen_row_scores). An item outside them gets
-the dense term alone (its similarity to the user plus its popularity), which is why those two
-kinds of candidate suffice: the two-stage top-K differs from the full ranking only where the
-nearest-neighbour search misses, or where an item just outside both the nearest and the popular
-ones beats the K-th candidate on the two together.
+the dense term alone (its similarity to the user plus its popularity), and its similarity is at
+most the lowest among the nearest found (`Candidates.reach`). So only an item whose popularity
+term alone makes up the gap to the K-th candidate's score can beat it: the recommender adds those,
+the most popular first (recommend.py, `Recommender.two_stage_top`). The two-stage top-K then
+differs from the full ranking only where the nearest-neighbour search misses.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 from profilerec.config import RETRIEVAL_MODES, RetrievalConfig
 from profilerec.errors import ConfigError
 from profilerec.model.ann import index_exists, read_index
+from profilerec.model.row_sets import distinct, member
 from profilerec.model.scorer import ScoreParts
 
 
@@ -88,13 +90,13 @@ class Retrieval:
         self._fresh_rows: Optional[np.ndarray] = None  # fresh_rows, made on first use
 
     def candidates(self, parts: ScoreParts, items: np.ndarray, popular_rows: np.ndarray,
-                   allowed: Optional[np.ndarray] = None) -> list[np.ndarray]:
-        """Sorted distinct candidate rows of each profile of `parts`, all among the `allowed` rows
-        (sorted) when given: the nearest of them, not the nearest items filtered. `items` is the
-        item matrix the user vectors are compared with, `popular_rows` the most popular (allowed)
-        rows, most popular first. A filter that leaves few items makes every one a candidate."""
+                   allowed: Optional[np.ndarray] = None) -> "Candidates":
+        """The candidates of each profile of `parts`, all among the `allowed` rows (sorted) when
+        given: the nearest of them, not the nearest items filtered. `items` is the item matrix the
+        user vectors are compared with, `popular_rows` the most popular (allowed) rows, most
+        popular first. A filter that leaves few items makes every one a candidate."""
         if allowed is not None and len(allowed) <= self.nearest + self.popular:
-            return [allowed] * len(parts.user)
+            return Candidates([allowed] * len(parts.user), np.full(len(parts.user), -np.inf))
         if allowed is not None and len(allowed) <= self.exact_filtered:
             # a product with a few thousand vectors costs less than scanning clusters that hold few of them
             found = [ExactNearest(items[allowed], allowed).search(parts.user, self.nearest)]
@@ -103,13 +105,14 @@ class Retrieval:
         if self.fresh:
             rows = self.fresh_rows()
             found.append(ExactNearest(items[rows], rows).search(parts.user, self.nearest, allowed))
+        reach = np.max([lowest_similarity(rows, parts.user, items) for rows in found], axis=0)
         found = np.concatenate(found, axis=1)
-        sparse = parts.rows if allowed is None else np.where(np.isin(parts.rows, allowed), parts.rows, -1)
+        sparse = parts.rows if allowed is None else np.where(member(parts.rows, allowed), parts.rows, -1)
         out = []
         for b in range(len(parts.user)):
             rows = np.concatenate([found[b], popular_rows[: self.popular], sparse[parts.b_idx == b]])
-            out.append(np.unique(rows[rows >= 0]))
-        return out
+            out.append(distinct(rows[rows >= 0]))
+        return Candidates(out, reach)
 
     def changed(self, rows: list[int]) -> None:
         """Items at `rows` were added or got a new vector: search them exactly from now on."""
@@ -121,6 +124,27 @@ class Retrieval:
         if self._fresh_rows is None:
             self._fresh_rows = np.array(sorted(self.fresh), dtype=np.int64)
         return self._fresh_rows
+
+
+@dataclass
+class Candidates:
+    """What retrieval found for a batch of profiles."""
+
+    rows: list[np.ndarray]  # each profile's candidate rows, sorted and distinct
+    # [B] the most similarity to a profile's user vector an item outside its candidates may have:
+    # the lowest among the nearest found (-inf when every allowed item is a candidate)
+    reach: np.ndarray
+
+
+def lowest_similarity(found: np.ndarray, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """[B] the lowest inner product of each user vector with the `items` rows found for it (-1: none);
+    -inf where none was found."""
+    out = np.full(len(found), -np.inf)
+    for b, rows in enumerate(found):
+        rows = rows[rows >= 0]
+        if len(rows):
+            out[b] = float((items[rows] @ users[b]).min())
+    return out
 
 
 def check_retrieval(cfg: RetrievalConfig, prefix: str = "retrieval.") -> None:
