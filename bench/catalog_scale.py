@@ -206,7 +206,11 @@ def run_stage(stage: str, work_dir: str, folder: str, cases: int, seconds: float
         from profilerec.config import IndexConfig
 
         matrix = recommender.item_matrix()
-        index, manifest = built_index(matrix, IndexConfig(recall_queries=500, threads=2))
+        # the queries the index job measures recall on: profiles replayed from the log
+        states = case_states(last_item_cases(sequences, 500), recommender.vector_of, recommender.params,
+                             recommender.index.meta)
+        queries = recommender.score_parts(states).user
+        index, manifest = built_index(matrix, IndexConfig(recall_queries=500, threads=2), queries)
         out.update({k: manifest[k] for k in ("build_seconds", "recall@10", "recall@100")})
         out.update(lists=int(index.index.nlist), probes=index.probes)
         write_index(index, index_folder, recommender.index.item_ids, matrix, manifest)

@@ -88,6 +88,10 @@ def test_index_job_writes_an_index_the_service_and_evaluation_use(prepared):
     assert manifest["recall@10"] >= 0.95 and manifest["build_seconds"] >= 0
     assert 1 <= manifest["probes"] <= manifest["lists"]
     assert storage.read_json(str(tmp / "index" / "manifest.json")) == manifest
+    # recall measured on what the service will be asked: the profiles of the validation cases
+    valid = list(iter_cases(user_sequences(data.events), data.cases, ["valid"], data.max_history))
+    assert manifest["queries"] == "profiles replayed from the log"
+    assert manifest["recall_queries"] == sum(1 for case in valid if case.history) > 30
 
     recommender = load_recommender(data.items, str(tmp / "embeddings"))
     two_stage = RetrievalConfig(mode="two_stage", index=str(tmp / "index"))

@@ -241,7 +241,8 @@ class IndexConfig:
     probes: Optional[int] = setting(None, "clusters a search scans (more: better recall, slower); none: the "
                                           "fewest that reach target_recall on the sample queries")
     target_recall: float = setting(0.95, "recall@100 against exact search that the chosen probes must reach")
-    recall_queries: int = setting(1000, "user-like queries recall is measured on (against exact search)")
+    recall_queries: int = setting(1000, "queries recall is measured on (against exact search): profiles replayed "
+                                        "from the log's validation cases, or mixes of item vectors without cases")
     threads: Optional[int] = setting(None, "threads building the index; none: every core")
 
 

@@ -3,8 +3,10 @@ candidates from, over the item vectors the trained scorer compares profiles with
 vectors through its projection), or over the text vectors when there is no scorer.
 
 How many clusters a search scans is chosen here, by measurement: the fewest for which the recall@100
-of queries made like user vectors (mixes of a few item vectors) reaches `target_recall` against
-exact search.
+of the queries the service will answer reaches `target_recall` against exact search. Those are the
+user vectors of profiles replayed from the log (the histories of its validation cases: the test
+split stays unread); a log without cases gets mixes of a few item vectors instead, a harder query
+(they fall between the catalog's clusters), which costs more probes.
 
 Output (under the job's output location): the index, the item id of each of its rows, a sample of
 the vectors it was built from, and manifest.json: its kind and parameters, the number of items, the
@@ -19,10 +21,12 @@ from typing import Any, Optional
 
 import faiss
 import numpy as np
+import pyarrow.compute as pc
 from profilerec.config import IndexConfig
-from profilerec.data.datasets import read_catalog
+from profilerec.data.datasets import read_catalog, read_prepared
 from profilerec.model.ann import IvfIndex, build_ivf, write_index
-from profilerec.model.recommend import load_profile_params, load_recommender
+from profilerec.model.recommend import Recommender, load_profile_params, load_recommender
+from profilerec.model.replay import case_states, iter_cases, user_sequences
 from profilerec.model.retrieval import ExactNearest
 
 log = logging.getLogger(__name__)
@@ -37,28 +41,51 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
     recommender = load_recommender(read_catalog(cfg.input), cfg.embeddings, load_profile_params(cfg.model),
                                    model=cfg.model)
     vectors = recommender.item_matrix()
-    index, manifest = built_index(vectors, cfg)
+    index, manifest = built_index(vectors, cfg, profile_queries(recommender, cfg.input, cfg.recall_queries))
     manifest["vectors"] = "scorer" if recommender.scorer is not None else "text"
     return write_index(index, cfg.output, recommender.index.item_ids, vectors, manifest)
 
 
-def built_index(vectors: np.ndarray, cfg: IndexConfig) -> tuple[IvfIndex, dict[str, Any]]:
+def built_index(vectors: np.ndarray, cfg: IndexConfig, queries: Optional[np.ndarray] = None
+                ) -> tuple[IvfIndex, dict[str, Any]]:
     """The index over `vectors` with the probes `cfg` asks for (or the fewest reaching its target
-    recall), and what was measured: build seconds, recall@10 and @100."""
+    recall on `queries`, by default user_like_queries), and what was measured: build seconds,
+    recall@10 and @100."""
     log.info("building an IVF index over %d item vectors of %d dimensions", len(vectors), vectors.shape[1])
     started = time.perf_counter()
     index = build_ivf(vectors, cfg.lists, threads=cfg.threads)
     build_seconds = time.perf_counter() - started
-    queries = user_like_queries(vectors, cfg.recall_queries)
+    kind = "profiles replayed from the log"
+    if queries is None or not len(queries):
+        queries, kind = user_like_queries(vectors, cfg.recall_queries), "mixes of item vectors"
     truth = exact_nearest(vectors, queries, max(RECALL_AT))
     index.probes = cfg.probes or fewest_probes(index, queries, truth, cfg.target_recall)
     manifest = {
         "kind": "ivf-pq-fastscan+rerank", "library": f"faiss {faiss.__version__}", "metric": "inner product",
         "items": len(vectors), "dim": int(vectors.shape[1]), "build_seconds": round(build_seconds, 2),
-        "recall_queries": cfg.recall_queries,
+        "recall_queries": len(queries), "queries": kind,
         **{f"recall@{k}": round(recall(index, queries, truth, k), 4) for k in RECALL_AT},
     }
     return index, manifest
+
+
+def profile_queries(recommender: Recommender, prepared: str, n: int) -> Optional[np.ndarray]:
+    """The user vectors of up to `n` profiles replayed from the log of `prepared`: the histories of
+    validation cases spread over the log (of any cases when it has none of that split), as the
+    service would hold them; None when the log has no case."""
+    data = read_prepared(prepared)
+    cases = data.cases
+    valid = cases.filter(pc.equal(cases.column("split"), "valid"))
+    cases = valid if valid.num_rows else cases
+    if not cases.num_rows:
+        return None
+    cases = cases.take(np.unique(np.linspace(0, cases.num_rows - 1, min(n, cases.num_rows)).astype(np.int64)))
+    users = pc.is_in(data.events.column("user_id"), value_set=pc.unique(cases.column("user_id")))
+    sequences = user_sequences(data.events.filter(users))
+    replayed = list(iter_cases(sequences, cases, set(cases.column("split").to_pylist()), data.max_history))
+    states = [s for s in case_states(replayed, recommender.vector_of, recommender.params, recommender.index.meta)
+              if s.recent or s.long_sum is not None]
+    return recommender.score_parts(states).user if states else None
 
 
 def user_like_queries(vectors: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
