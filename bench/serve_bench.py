@@ -2,7 +2,9 @@
 
     python bench/serve_bench.py --work_dir work          # a work folder built by `profilerec demo`
 
-Both applications run on one local Ray instance behind the same Serve HTTP proxy:
+Both applications run on one local Ray instance behind the same Serve HTTP proxy, without an
+access log line per request (as serve/config.yaml deploys them); `--ingress_replicas N` runs the
+service's ingress as N replicas (the floor keeps one):
 
 - noop:       a FastAPI ingress answering GET /v1/users/{user_id}/recommendations with a constant;
 - profilerec: the real service (serve/app.py) on the work folder, with durability on (every
@@ -263,6 +265,10 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--num_shards", type=int, default=2)
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--ingress_replicas", type=int, default=1,
+                        help="replicas of the service's ingress (serve/config.yaml autoscales 1-4)")
+    parser.add_argument("--ingress_max_ongoing", type=int, default=None,
+                        help="max_ongoing_requests of each ingress replica (default: the deployment's)")
     parser.add_argument("--compare_socket", action="store_true",
                         help="also run the service with board_users=0 (every read through the shard's socket) "
                              "as phase 2b, alternating with phases 1 and 2")
@@ -273,21 +279,29 @@ def main() -> None:
     cfg = dataclasses.replace(stage_configs(PipelineConfig(work_dir=work)).serve, num_shards=args.num_shards,
                               state_dir=storage.join(work, "bench_serve_state"))
     storage.delete(cfg.state_dir)  # a fresh service state for every run
-    # the second application's actors need logical CPUs to be placed; the cores stay what they are
-    init_ray(RayConfig(num_cpus=2 * (os.cpu_count() or 2) if args.compare_socket else None))
+    # a second application's actors, or more replicas, need logical CPUs to be placed; the cores stay
+    # what they are
+    more = args.compare_socket or args.ingress_replicas > 1
+    init_ray(RayConfig(num_cpus=2 * (os.cpu_count() or 2) if more else None))
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(noop_app(), name="noop", route_prefix="/noop")
-    serve.run(build_app(cfg), name="profilerec-bench", route_prefix="/")
+    # as serve/config.yaml deploys it: no access log line per request, in both applications
+    quiet = {"enable_access_log": False}
+    serve.run(noop_app(), name="noop", route_prefix="/noop", logging_config=quiet)
+    ingress = {"num_replicas": args.ingress_replicas}
+    if args.ingress_max_ongoing:
+        ingress["max_ongoing_requests"] = args.ingress_max_ongoing
+    serve.run(build_app(cfg, **ingress), name="profilerec-bench", route_prefix="/", logging_config=quiet)
     if args.compare_socket:
         socket_cfg = dataclasses.replace(cfg, board_users=0, state_dir=storage.join(work, "bench_serve_state_socket"),
                                          token_file=storage.join(cfg.state_dir, "api_token"))
         storage.delete(socket_cfg.state_dir)
-        serve.run(build_app(socket_cfg), name="profilerec-bench-socket", route_prefix="/socket")
+        serve.run(build_app(socket_cfg, **ingress), name="profilerec-bench-socket",
+                  route_prefix="/socket", logging_config=quiet)
     items = read_prepared(cfg.prepared).items.column("item_id").to_pylist()
     results, sides, reads = asyncio.run(run_phases(args, f"http://127.0.0.1:{args.port}", api_token(cfg), items))
 
     print(f"\nmachine: {describe()}\nRay Serve on localhost, "
-          f"{args.num_shards} profile shards, {len(items)} items, durability on (fsync per batch)")
+          f"{args.ingress_replicas} ingress replica(s), {args.num_shards} profile shards, {len(items)} items, durability on (fsync per batch)")
     for result, unit in results:
         print(result.line(unit))
     noop = sides[0]

@@ -258,7 +258,10 @@ class Encoder:
         return self.encoder.encode(texts).tolist()
 
 
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64,
+# a replica at max_ongoing_requests refuses requests, and Serve's proxy backs off before offering
+# more: near a replica's capacity that left it idle and served a fraction of the load, where
+# requests waiting in the replica (its reads answer in order) keep it busy
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=512,
                   max_queued_requests=256, backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S))
 @serve.ingress(api)
 class Ingress:
