@@ -1,5 +1,7 @@
 """The profile scorer and the item priors, against hand-computed values (no Ray needed)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -166,6 +168,22 @@ def test_saved_scorer_scores_the_same_and_follows_item_ids(tmp_path):
     with torch.no_grad():
         again = loaded(scorer_batch([state], other.row, params, cfg, other.dim))[0].numpy()
     np.testing.assert_allclose(again, original[order], rtol=1e-5, atol=1e-5)
+
+
+def test_a_scorer_saved_before_reverse_transitions_loads_without_them(tmp_path):
+    index = _index()
+    params = ProfileParams()
+    priors = item_priors(SEQUENCES, index)
+    cfg = ScorerConfig(reverse_transitions=False, dropout=0.0)
+    model = ProfileScorer(index.vectors, priors, params.window, cfg).eval()
+    save_scorer(model, str(tmp_path), index.item_ids, params, ["train"])
+    meta = json.loads((tmp_path / "scorer.json").read_text())
+    del meta["scorer"]["reverse_transitions"]  # as the scorer.json of an earlier version
+    (tmp_path / "scorer.json").write_text(json.dumps(meta))
+    loaded = load_scorer(str(tmp_path), index.item_ids, index.vectors, priors)
+    assert not loaded.params.reverse_transitions
+    batch = scorer_batch([_state(index, ["i4", "i0"], params)], index.row, params, cfg, index.dim)
+    np.testing.assert_allclose(loaded.predict(batch), model.predict(batch), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cfg", [ScorerConfig(id_embeddings=True, reverse_transitions=True, user_transform=True),

@@ -577,6 +577,10 @@ def contrastive_loss(queries: torch.Tensor, keys: torch.Tensor, positives: torch
     return F.cross_entropy(logits, positives)
 
 
+# parts a saved scorer does not name were added to the scorer after it was trained: it has no
+# weights for them, whatever the default is now
+PREDATING = {"reverse_transitions": False}
+
 SCORER_WEIGHTS = "scorer.pt"
 SCORER_META = "scorer.json"
 
@@ -607,7 +611,8 @@ def load_scorer(folder: str, item_ids: Sequence[str], item_vectors: np.ndarray, 
 
     meta = storage.read_json(storage.join(folder, SCORER_META))
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(folder, SCORER_WEIGHTS))), map_location="cpu")
-    model = ProfileScorer(item_vectors, priors, meta["window"], from_dict(ScorerConfig, meta["scorer"]))
+    model = ProfileScorer(item_vectors, priors, meta["window"],
+                          from_dict(ScorerConfig, {**PREDATING, **meta["scorer"]}))
     if "item_ids.weight" in state:
         trained = state["item_ids.weight"]
         rows = {item_id: i for i, item_id in enumerate(meta["item_ids"])}
