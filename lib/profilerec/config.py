@@ -163,7 +163,7 @@ class ScorerConfig:
     popularity: bool = setting(True, "the log-count of each item")
     transition_span: int = setting(1, "count item pairs up to this many events apart")
     reverse_transitions: bool = setting(
-        False, "also what users touched before each window item (the transitions read backwards), by position")
+        True, "also what users touched before each window item (the transitions read backwards), by position")
     user_transform: bool = setting(
         False, "a learned linear map on the user vector, so that an item can point to different items than "
                "resemble it (the item side keeps the shared projection)")
