@@ -1,5 +1,7 @@
 """The profile scorer and the item priors, against hand-computed values (no Ray needed)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,13 @@ from profilerec.data.schema import Event
 from profilerec.model.index import ItemIndex
 from profilerec.model.priors import grown_priors, item_priors, read_priors, write_priors
 from profilerec.model.profile import ProfileParams, ProfileState, apply_event
-from profilerec.model.scorer import ProfileScorer, load_scorer, save_scorer, scorer_batch
+from profilerec.model.scorer import (
+    ProfileScorer,
+    item_graphs,
+    load_scorer,
+    save_scorer,
+    scorer_batch,
+)
 
 ITEMS = [f"i{n}" for n in range(6)]
 
@@ -85,6 +93,41 @@ def test_scorer_adds_transitions_repeats_and_popularity_as_hand_computed():
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def _dense(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, n: int = len(ITEMS)) -> np.ndarray:
+    out = np.zeros((n, n))
+    out[np.repeat(np.arange(n), np.diff(indptr)), indices] = values
+    return out
+
+
+def test_reverse_transitions_read_the_transitions_backwards():
+    priors = item_priors(SEQUENCES, _index())  # i0 -> i1 twice, i1 -> i2, i1 -> i3, i4 -> i0
+    reverse = item_graphs(priors, ScorerConfig(reverse_transitions=True))["r"]
+    expected = np.zeros((6, 6))
+    expected[1, 0], expected[2, 1], expected[3, 1], expected[0, 4] = 2, 1, 1, 1  # row: the later item
+    np.testing.assert_allclose(_dense(*reverse[:3]), expected)
+    np.testing.assert_allclose(reverse[3], [1, 2, 1, 1])  # each entry's row total, entries in row order
+
+
+def test_scorer_adds_reverse_transitions_as_hand_computed():
+    index = _index()
+    params = ProfileParams()
+    priors = item_priors(SEQUENCES, index)
+    cfg = ScorerConfig(dropout=0.0, transitions=False, repeat=False, popularity=False, reverse_transitions=True)
+    model = ProfileScorer(index.vectors, priors, params.window, cfg).eval()
+    with torch.no_grad():
+        model.rtrans[0] = torch.tensor([1.5, 2.0])  # log-count and share, for the newest item
+        model.rtrans[1] = torch.tensor([0.5, 3.0])  # and for the one before it
+    batch = scorer_batch([_state(index, ["i0", "i1"], params)], index.row, params, cfg, index.dim)
+    with torch.no_grad():
+        logits = model(batch)[0].numpy()
+        content = (model.scale.exp() * model.user_vectors(batch, model.item_matrix()) @ model.item_matrix().T)[0].numpy()
+    expected = content.copy()
+    expected[0] += 1.5 * np.log1p(2) + 2.0 * 1.0  # i1 was preceded by i0 twice, by nothing else
+    expected[4] += 0.5 * np.log1p(1) + 3.0 * 1.0  # i0 was preceded by i4 once, by nothing else
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.predict(batch)[0], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_leave_one_out_takes_the_cases_own_transition_and_count_out():
     index = _index()
     params = ProfileParams()
@@ -127,7 +170,24 @@ def test_saved_scorer_scores_the_same_and_follows_item_ids(tmp_path):
     np.testing.assert_allclose(again, original[order], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cfg", [ScorerConfig(id_embeddings=True), ScorerConfig(attention=False, popularity=False),
+def test_a_scorer_saved_before_reverse_transitions_loads_without_them(tmp_path):
+    index = _index()
+    params = ProfileParams()
+    priors = item_priors(SEQUENCES, index)
+    cfg = ScorerConfig(reverse_transitions=False, dropout=0.0)
+    model = ProfileScorer(index.vectors, priors, params.window, cfg).eval()
+    save_scorer(model, str(tmp_path), index.item_ids, params, ["train"])
+    meta = json.loads((tmp_path / "scorer.json").read_text())
+    del meta["scorer"]["reverse_transitions"]  # as the scorer.json of an earlier version
+    (tmp_path / "scorer.json").write_text(json.dumps(meta))
+    loaded = load_scorer(str(tmp_path), index.item_ids, index.vectors, priors)
+    assert not loaded.params.reverse_transitions
+    batch = scorer_batch([_state(index, ["i4", "i0"], params)], index.row, params, cfg, index.dim)
+    np.testing.assert_allclose(loaded.predict(batch), model.predict(batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [ScorerConfig(id_embeddings=True, reverse_transitions=True, user_transform=True),
+                                 ScorerConfig(attention=False, popularity=False),
                                  ScorerConfig(interests=False, repeat=False, transitions=False)],
                          ids=["every part", "no attention or popularity", "content and attention only"])
 def test_numpy_inference_scores_as_the_torch_forward(cfg):

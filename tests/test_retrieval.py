@@ -1,6 +1,8 @@
 """Two-stage recommendations (retrieval.py + the scorer on the candidates) against scoring every
 item, on a catalog of a few thousand items where the nearest-neighbour search is exact."""
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -14,7 +16,7 @@ from profilerec.model.priors import item_priors
 from profilerec.model.profile import ProfileParams, ProfileState, apply_event
 from profilerec.model.recommend import Recommender
 from profilerec.model.retrieval import ExactNearest, Retrieval
-from profilerec.model.scorer import ProfileScorer
+from profilerec.model.scorer import ProfileScorer, frozen_parts, scorer_batch
 
 N, DIM = 3000, 16
 BRANDS = ["Acme", "Bolt", "Rare"]
@@ -43,17 +45,21 @@ def _zipf(n: int) -> np.ndarray:
     return weights / weights.sum()
 
 
-def _recommender(with_scorer: bool, popularity: float = 0.3) -> tuple[Recommender, list[ProfileState]]:
+def _recommender(with_scorer: bool, popularity: float = 0.3, reverse: float = 0.0
+                 ) -> tuple[Recommender, list[ProfileState]]:
     index, sequences = _catalog()
     params = ProfileParams()
     priors = item_priors(sequences, index)
     scorer = None
     if with_scorer:
-        scorer = ProfileScorer(index.vectors, priors, params.window, ScorerConfig())
+        cfg = ScorerConfig(reverse_transitions=reverse > 0)
+        scorer = ProfileScorer(index.vectors, priors, params.window, cfg)
         with torch.no_grad():  # every term switched on at the strength a trained scorer gives it
             scorer.pop.fill_(popularity)
             scorer.repeat.fill_(1.0)
             scorer.trans.fill_(1.5)
+            if scorer.rtrans is not None:
+                scorer.rtrans.fill_(reverse)
             torch.manual_seed(0)
             scorer.proj.weight.add_(0.05 * torch.randn_like(scorer.proj.weight))
         scorer.eval()
@@ -102,6 +108,29 @@ def test_two_stage_returns_what_scoring_every_item_returns(served, search):
     exact, two_stage = _exact_and_two_stage(*served, nearest=100, search=search, k=10)
     _same_answers(two_stage, exact)
     assert all(len(answer) == 10 for answer in two_stage)
+
+
+@pytest.mark.parametrize("search", ["exact", "ivf"])
+def test_two_stage_holds_the_items_that_reverse_transitions_lift(search):
+    # strong enough to lift items far from the user vector into the top 10
+    recommender, states = _recommender(True, reverse=8.0)
+    exact, two_stage = _exact_and_two_stage(recommender, states, nearest=100, search=search, k=10)
+    _same_answers(two_stage, exact)
+    # some of those items are none of the other candidates: not near, not popular, no transition
+    matrix = recommender.item_matrix()
+    popular = set(recommender.popular_rows()[:50].tolist())
+    forward = dataclasses.replace(recommender.scorer.params, reverse_transitions=False)
+    forward_only = dataclasses.replace(recommender.scorer.frozen(), params=forward, more_graphs=())
+    lifted = 0
+    for state, answer in zip(states, exact):
+        if not state.recent:
+            continue
+        parts = recommender.score_parts([state])
+        batch = scorer_batch([state], recommender.index.row, recommender.params, forward, recommender.index.dim)
+        others = (set(ExactNearest(matrix).search(parts.user, 100)[0].tolist()) | popular
+                  | set(frozen_parts(forward_only, batch).rows.tolist()))
+        lifted += sum(recommender.index.row(item["item_id"]) not in others for item in answer)
+    assert lifted > 0
 
 
 def _overlap(a: list[list[dict]], b: list[list[dict]]) -> float:

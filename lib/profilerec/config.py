@@ -162,6 +162,11 @@ class ScorerConfig:
     transitions: bool = setting(True, "what users touched next after each window item, from the log")
     popularity: bool = setting(True, "the log-count of each item")
     transition_span: int = setting(1, "count item pairs up to this many events apart")
+    reverse_transitions: bool = setting(
+        True, "also what users touched before each window item (the transitions read backwards), by position")
+    user_transform: bool = setting(
+        False, "a learned linear map on the user vector, so that an item can point to different items than "
+               "resemble it (the item side keeps the shared projection)")
     dropout: float = setting(0.2, "dropout in the user vector")
     types: list[str] = setting(factory=lambda: [
         "view", "click", "cart", "purchase", "review", "rating", "search", "tag"], help="event types the scorer knows")

@@ -10,6 +10,7 @@ Each row adds one part to the one above it, so the table shows what each part is
     + window attention            + attention over the recent window
     + repeat bonus                + learned bonus for items in the window
     + transitions                 + what users touched next, from the log
+    + reverse transitions         + what users touched just before, from the log
     + popularity (default)        + item popularity: the default configuration
     + item ID embeddings          + per-item learned vectors (not in the default)
 
@@ -43,11 +44,13 @@ log = logging.getLogger(__name__)
 # (row name, folder name, changes to the scorer config), each row on top of the one before
 ABLATION: list[tuple[str, str, dict[str, Any]]] = [
     ("learned projection, newest item", "newest",
-     {"interests": False, "attention": False, "repeat": False, "transitions": False, "popularity": False}),
+     {"interests": False, "attention": False, "repeat": False, "transitions": False, "reverse_transitions": False,
+      "popularity": False}),
     ("+ interest vectors", "interests", {"interests": True}),
     ("+ window attention", "attention", {"attention": True}),
     ("+ repeat bonus", "repeat", {"repeat": True}),
     ("+ transitions", "transitions", {"transitions": True}),
+    ("+ reverse transitions", "reverse", {"reverse_transitions": True}),
     ("+ popularity (default)", "default", {"popularity": True}),
     ("+ item ID embeddings", "ids", {"id_embeddings": True}),
 ]

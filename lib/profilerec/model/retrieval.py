@@ -10,7 +10,8 @@ A profile's candidates are
 - the `popular` most popular items (the popularity term can lift an item the vector search
   leaves out);
 - every item the profile's sparse terms touch: its window items (repeats) and the items that
-  followed them in the log (transitions).
+  followed them in the log (transitions), and with `reverse_transitions` the items that preceded
+  them.
 
 The scorer then scores the candidates only (scorer.frozen_row_scores). An item outside them gets
 the dense term alone (its similarity to the user plus its popularity), and its similarity is at

@@ -120,7 +120,13 @@ class ProfileScorer(nn.Module):
         self.scale = nn.Parameter(torch.tensor(math.log(20.0)))  # logit scale of the cosine, learned
         self.repeat = nn.Parameter(torch.zeros(window))
         self.trans = nn.Parameter(torch.zeros(window, 2))
+        # the other item graphs' weights, by position (item_graphs)
+        self.rtrans = nn.Parameter(torch.zeros(window, 2)) if params.reverse_transitions else None
         self.pop = nn.Parameter(torch.zeros(1))
+        # identity at first: the user vector starts as the item-side similarity it was before
+        self.user_map = nn.Linear(dim, dim, bias=False) if params.user_transform else None
+        if self.user_map is not None:
+            nn.init.eye_(self.user_map.weight)
         self.set_priors(priors)
 
     def set_priors(self, priors: ItemPriors) -> None:
@@ -133,6 +139,11 @@ class ProfileScorer(nn.Module):
                    "t_counts": torch.as_tensor(priors.counts, dtype=torch.float32),
                    "t_totals": torch.as_tensor(totals[rows], dtype=torch.float32),
                    "popularity": torch.as_tensor(priors.popularity, dtype=torch.float32)}
+        for prefix, (indptr, indices, counts, totals) in item_graphs(priors, self.params).items():
+            buffers.update({f"{prefix}_indptr": torch.as_tensor(indptr, dtype=torch.int64),
+                            f"{prefix}_indices": torch.as_tensor(indices, dtype=torch.int64),
+                            f"{prefix}_counts": torch.as_tensor(counts, dtype=torch.float32),
+                            f"{prefix}_totals": torch.as_tensor(totals, dtype=torch.float32)})
         self.span = priors.span
         for name, value in buffers.items():
             self.register_buffer(name, value.to(self.item_vectors.device), persistent=False)
@@ -235,6 +246,8 @@ class ProfileScorer(nn.Module):
         else:
             parts += [torch.zeros_like(newest), torch.zeros_like(newest)]
         user = sum(w * v for w, v in zip(self.mix, parts))
+        if self.user_map is not None:
+            user = self.user_map(user)
         return F.normalize(self.drop(user), dim=-1)
 
     def forward(self, batch: ScorerBatch, targets: Optional[torch.Tensor] = None,
@@ -273,6 +286,9 @@ class ProfileScorer(nn.Module):
             terms.append((b_idx, slot_rows, self.repeat[pos]))
         if self.params.transitions and len(slot_rows):
             terms.append(self._transition_terms(b_idx, slot_rows, pos, targets))
+        if len(slot_rows):
+            for prefix, weights in self._more_graphs():
+                terms.append(self._transition_terms(b_idx, slot_rows, pos, None, prefix, weights))
         for term in terms:
             logits = logits.index_put(*self._on_columns(rows, *term), accumulate=True)
         return logits
@@ -293,24 +309,50 @@ class ProfileScorer(nn.Module):
         hit = ordered[at] == items
         return (b_idx[hit], order[at[hit]]), values[hit]
 
-    def _transition_terms(self, b_idx, rows, pos, targets):
-        """(profile, item row, value) of the transitions from each window item."""
+    def _more_graphs(self) -> list[tuple[str, nn.Parameter]]:
+        """(buffer prefix, weights) of the item graphs besides the transitions (item_graphs)."""
+        return [(prefix, w) for prefix, w in (("r", self.rtrans),) if w is not None]
+
+    def _transition_terms(self, b_idx, rows, pos, targets, prefix: str = "t", weights=None):
+        """(profile, item row, value) of the transitions from each window item, or of another item
+        graph's entries (`prefix` of its buffers, `weights` by position; item_graphs)."""
+        weights = self.trans if weights is None else weights
+        indptr, indices = getattr(self, f"{prefix}_indptr"), getattr(self, f"{prefix}_indices")
         # gather the CSR rows of the window items without densifying the item-item matrix
-        starts, ends = self.t_indptr[rows], self.t_indptr[rows + 1]
+        starts, ends = indptr[rows], indptr[rows + 1]
         lengths = ends - starts
         total = int(lengths.sum())
         slot = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), lengths)
         offset = torch.arange(total, device=rows.device) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
         nz = starts[slot] + offset
-        counts, totals = self.t_counts[nz], self.t_totals[nz]
+        counts, totals = getattr(self, f"{prefix}_counts")[nz], getattr(self, f"{prefix}_totals")[nz]
         if targets is not None:
             # item_priors counts a pair at distance d as 1/d; the newest window item is at distance 1
             distance = (pos[slot] + 1).float()
-            own = ((self.t_indices[nz] == targets[b_idx[slot]]) & (distance <= self.span)).float() / distance
+            own = ((indices[nz] == targets[b_idx[slot]]) & (distance <= self.span)).float() / distance
             counts, totals = (counts - own).clamp(min=0), (totals - own).clamp(min=0)
         feats = torch.stack([torch.log1p(counts), counts / totals.clamp(min=1.0)], dim=-1)
-        values = (feats * self.trans[pos[slot]]).sum(-1)
-        return b_idx[slot], self.t_indices[nz], values
+        values = (feats * weights[pos[slot]]).sum(-1)
+        return b_idx[slot], indices[nz], values
+
+
+def item_graphs(priors: ItemPriors, params: ScorerConfig) -> dict[str, tuple[np.ndarray, ...]]:
+    """The item-to-item graphs besides the transitions that `params` scores with, by buffer prefix,
+    each a CSR (indptr, indices, counts) plus each entry's row total: "r" the reverse transitions."""
+    return {"r": reverse_transitions(priors)} if params.reverse_transitions else {}
+
+
+def reverse_transitions(priors: ItemPriors) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The transitions read backwards, as a CSR (indptr, indices, counts) whose row b lists the
+    items that preceded b, plus each entry's row total (what b's predecessors add up to)."""
+    n = priors.num_items
+    source = np.repeat(np.arange(n), np.diff(priors.indptr))
+    order = np.lexsort((source, priors.indices))  # by the later item, then the earlier one
+    later = priors.indices[order]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(later, minlength=n))]).astype(np.int64)
+    counts = priors.counts[order].astype(np.float32)
+    totals = np.bincount(later, weights=counts, minlength=n).astype(np.float32)
+    return indptr, source[order].astype(np.int64), counts, totals[later]
 
 
 @dataclass(frozen=True)
@@ -341,6 +383,9 @@ class FrozenScorer:
     t_indptr: np.ndarray  # CSR of the transitions, as in ItemPriors
     t_indices: np.ndarray
     t_features: np.ndarray  # [nnz, 2] log1p(count) and count / max(total, 1): the transition features
+    user_map_t: Optional[np.ndarray] = None  # [D, D] the user transform, transposed (user_transform)
+    # the other item graphs (item_graphs): (indptr, indices, features as t_features, weights [W, 2]) each
+    more_graphs: tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...] = ()
 
     @functools.cached_property
     def items_t(self) -> np.ndarray:
@@ -361,6 +406,10 @@ def frozen_scorer(model: ProfileScorer) -> FrozenScorer:
         w_q, b_q, w_k, b_k = (arr(t).astype(np.float64) for t in (model.query.weight, model.query.bias,
                                                                      model.key.weight, model.key.bias))
         counts, totals = arr(model.t_counts), arr(model.t_totals)
+        more_graphs = tuple((arr(getattr(model, f"{prefix}_indptr")), arr(getattr(model, f"{prefix}_indices")),
+                             transition_features(arr(getattr(model, f"{prefix}_counts")),
+                                                 arr(getattr(model, f"{prefix}_totals"))), arr(weights))
+                            for prefix, weights in model._more_graphs())
         popularity = np.zeros(len(items), dtype=np.float32)
         if model.params.popularity:
             popularity = arr(model.pop * torch.log1p(model.popularity.clamp(min=0)))
@@ -372,9 +421,15 @@ def frozen_scorer(model: ProfileScorer) -> FrozenScorer:
             type_emb=arr(model.type_emb.weight), slot_weight_t=np.ascontiguousarray(arr(model.slot_features.weight).T),
             slot_bias=arr(model.slot_features.bias), mix=arr(model.mix), scale=float(model.scale.exp()),
             repeat=arr(model.repeat), trans=arr(model.trans), t_indptr=arr(model.t_indptr),
-            t_indices=arr(model.t_indices),
-            t_features=np.stack([np.log1p(counts), counts / np.maximum(totals, 1.0)], axis=-1).astype(np.float32),
+            t_indices=arr(model.t_indices), t_features=transition_features(counts, totals),
+            user_map_t=None if model.user_map is None else np.ascontiguousarray(arr(model.user_map.weight).T),
+            more_graphs=more_graphs,
         )
+
+
+def transition_features(counts: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """[nnz, 2] log1p(count) and count / max(total, 1): what the transition weights multiply."""
+    return np.stack([np.log1p(counts), counts / np.maximum(totals, 1.0)], axis=-1).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -420,21 +475,31 @@ def frozen_parts(f: FrozenScorer, batch: ScorerBatch) -> ScoreParts:
         parts += list(_unit(np.stack([win["short"], win["long"]]) @ f.proj_t))
     else:
         parts += [np.zeros_like(newest), np.zeros_like(newest)]
-    user = _unit(sum(w * v for w, v in zip(f.mix, parts))).astype(np.float32)
+    user = sum(w * v for w, v in zip(f.mix, parts))
+    if f.user_map_t is not None:
+        user = user @ f.user_map_t
+    user = _unit(user).astype(np.float32)
     b_idx, p_idx = np.nonzero(mask)
     rows, pos = win["items"][b_idx, p_idx], win["positions"][b_idx, p_idx]
     terms = []  # (profile, item row, value) of each sparse term, in arrays
     if p.repeat:
         terms.append((b_idx, rows, f.repeat[pos]))
     if p.transitions and len(rows):
-        starts = f.t_indptr[rows]
-        lengths = f.t_indptr[rows + 1] - starts
-        if lengths.sum():
-            slot = np.repeat(np.arange(len(rows)), lengths)
-            nz = starts[slot] + np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-            terms.append((b_idx[slot], f.t_indices[nz], (f.t_features[nz] * f.trans[pos[slot]]).sum(-1)))
+        terms.append(_graph_terms(f.t_indptr, f.t_indices, f.t_features, f.trans, b_idx, rows, pos))
+    if len(rows):
+        terms += [_graph_terms(*graph, b_idx, rows, pos) for graph in f.more_graphs]
     return ScoreParts(user, _joined([t[0] for t in terms], np.int64), _joined([t[1] for t in terms], np.int64),
                       _joined([t[2] for t in terms], np.float32))
+
+
+def _graph_terms(indptr: np.ndarray, indices: np.ndarray, features: np.ndarray, weights: np.ndarray,
+                 b_idx: np.ndarray, rows: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(profile, item row, value) of an item-item CSR's entries from each window item `rows`."""
+    starts = indptr[rows]
+    lengths = indptr[rows + 1] - starts
+    slot = np.repeat(np.arange(len(rows)), lengths)
+    nz = starts[slot] + np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return b_idx[slot], indices[nz], (features[nz] * weights[pos[slot]]).sum(-1)
 
 
 def frozen_scores(f: FrozenScorer, batch: ScorerBatch) -> np.ndarray:
@@ -512,6 +577,10 @@ def contrastive_loss(queries: torch.Tensor, keys: torch.Tensor, positives: torch
     return F.cross_entropy(logits, positives)
 
 
+# parts a saved scorer does not name were added to the scorer after it was trained: it has no
+# weights for them, whatever the default is now
+PREDATING = {"reverse_transitions": False}
+
 SCORER_WEIGHTS = "scorer.pt"
 SCORER_META = "scorer.json"
 
@@ -542,7 +611,8 @@ def load_scorer(folder: str, item_ids: Sequence[str], item_vectors: np.ndarray, 
 
     meta = storage.read_json(storage.join(folder, SCORER_META))
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(folder, SCORER_WEIGHTS))), map_location="cpu")
-    model = ProfileScorer(item_vectors, priors, meta["window"], from_dict(ScorerConfig, meta["scorer"]))
+    model = ProfileScorer(item_vectors, priors, meta["window"],
+                          from_dict(ScorerConfig, {**PREDATING, **meta["scorer"]}))
     if "item_ids.weight" in state:
         trained = state["item_ids.weight"]
         rows = {item_id: i for i, item_id in enumerate(meta["item_ids"])}
