@@ -202,14 +202,12 @@ def run_stage(stage: str, work_dir: str, folder: str, cases: int, seconds: float
     index_folder = os.path.join(folder, "index")
     out: dict[str, Any] = {}
     if stage == "index":
-        from profilerec.batch.index import built_index
+        from profilerec.batch.index import built_index, case_user_vectors
         from profilerec.config import IndexConfig
 
         matrix = recommender.item_matrix()
         # the queries the index job measures recall on: profiles replayed from the log
-        states = case_states(last_item_cases(sequences, 500), recommender.vector_of, recommender.params,
-                             recommender.index.meta)
-        queries = recommender.score_parts(states).user
+        queries = case_user_vectors(recommender, last_item_cases(sequences, 500))
         index, manifest = built_index(matrix, IndexConfig(recall_queries=500, threads=2), queries)
         out.update({k: manifest[k] for k in ("build_seconds", "recall@10", "recall@100")})
         out.update(lists=int(index.index.nlist), probes=index.probes)

@@ -23,10 +23,10 @@ import faiss
 import numpy as np
 import pyarrow.compute as pc
 from profilerec.config import IndexConfig
-from profilerec.data.datasets import read_catalog, read_prepared
+from profilerec.data.datasets import prepared_manifest, read_catalog, read_prepared_table
 from profilerec.model.ann import IvfIndex, build_ivf, write_index
 from profilerec.model.recommend import Recommender, load_profile_params, load_recommender
-from profilerec.model.replay import case_states, iter_cases, user_sequences
+from profilerec.model.replay import Case, case_states, iter_cases, user_sequences
 from profilerec.model.retrieval import ExactNearest
 
 log = logging.getLogger(__name__)
@@ -73,17 +73,24 @@ def profile_queries(recommender: Recommender, prepared: str, n: int) -> Optional
     """The user vectors of up to `n` profiles replayed from the log of `prepared`: the histories of
     validation cases spread over the log (of any cases when it has none of that split), as the
     service would hold them; None when the log has no case."""
-    data = read_prepared(prepared)
-    cases = data.cases
+    cases = read_prepared_table(prepared, "cases")
     valid = cases.filter(pc.equal(cases.column("split"), "valid"))
     cases = valid if valid.num_rows else cases
     if not cases.num_rows:
         return None
     cases = cases.take(np.unique(np.linspace(0, cases.num_rows - 1, min(n, cases.num_rows)).astype(np.int64)))
-    users = pc.is_in(data.events.column("user_id"), value_set=pc.unique(cases.column("user_id")))
-    sequences = user_sequences(data.events.filter(users))
-    replayed = list(iter_cases(sequences, cases, set(cases.column("split").to_pylist()), data.max_history))
-    states = [s for s in case_states(replayed, recommender.vector_of, recommender.params, recommender.index.meta)
+    events = read_prepared_table(prepared, "events")
+    sequences = user_sequences(events.filter(pc.is_in(events.column("user_id"),
+                                                      value_set=pc.unique(cases.column("user_id")))))
+    replayed = iter_cases(sequences, cases, set(cases.column("split").to_pylist()),
+                          prepared_manifest(prepared).get("max_history"))
+    return case_user_vectors(recommender, list(replayed))
+
+
+def case_user_vectors(recommender: Recommender, cases: list[Case]) -> Optional[np.ndarray]:
+    """The user vectors of the profiles the cases' histories build (those with an event); None
+    when none has one."""
+    states = [s for s in case_states(cases, recommender.vector_of, recommender.params, recommender.index.meta)
               if s.recent or s.long_sum is not None]
     return recommender.score_parts(states).user if states else None
 

@@ -56,7 +56,6 @@ class Recommender:
         # popularity_scores and popular_rows, made on first use, dropped when the priors or items change
         self._popularity: Optional[np.ndarray] = None
         self._popular: Optional[np.ndarray] = None
-        self._lift_order: Optional[tuple[Any, np.ndarray, np.ndarray]] = None  # see _by_popularity_term
 
     def vector_of(self, event: Event) -> Optional[np.ndarray]:
         """The embedding `event` adds to a profile (item and/or its own text), or None."""
@@ -174,20 +173,12 @@ class Recommender:
         the first items by decreasing popularity term, LIFTED_LIMIT of them at most."""
         if self.scorer is None or len(top[0]) < k or not np.isfinite(reach):
             return np.zeros(0, dtype=np.int64)
-        order, lowered = self._by_popularity_term()
-        needed = top[1][-1] - self.scorer.frozen().scale * reach  # a tie may place an item too
+        frozen = self.scorer.frozen()
+        order, lowered = frozen.by_popularity
+        needed = top[1][-1] - frozen.scale * reach  # a tie may place an item too
         lifted = order[: min(int(np.searchsorted(lowered, -needed, side="right")), LIFTED_LIMIT)]
         lifted = lifted[~member(lifted, scored) & ~member(lifted, excluded)]
         return lifted if allowed is None else lifted[member(lifted, allowed)]
-
-    def _by_popularity_term(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every item row by decreasing popularity term of the scorer, and those terms negated
-        (ascending, for searchsorted); kept while the scorer's frozen weights are the same."""
-        frozen = self.scorer.frozen()
-        if self._lift_order is None or self._lift_order[0] is not frozen:
-            order = np.lexsort((np.arange(len(frozen.popularity)), -frozen.popularity))
-            self._lift_order = (frozen, order, -frozen.popularity[order].astype(np.float64))
-        return self._lift_order[1], self._lift_order[2]
 
     def _cold_top(self, k: int, excluded: np.ndarray, allowed: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The top-`k` of a profile with no event: the most popular allowed items."""

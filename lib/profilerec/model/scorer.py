@@ -394,6 +394,14 @@ class FrozenScorer:
         items it is as large as `items`."""
         return np.ascontiguousarray(self.items.T)
 
+    @functools.cached_property
+    def by_popularity(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every item row by decreasing popularity term (ties by row), and those terms negated in
+        float64 (ascending, for searchsorted): where two-stage retrieval looks for the items only
+        their popularity could place (recommend.py). Made on first use."""
+        order = np.lexsort((np.arange(len(self.popularity)), -self.popularity))
+        return order, -self.popularity[order].astype(np.float64)
+
 
 def frozen_scorer(model: ProfileScorer) -> FrozenScorer:
     """The eval-mode weights of `model`, on the CPU, folded as FrozenScorer describes."""

@@ -16,6 +16,7 @@ import os
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 from profilerec.runtime.environment import environment
+from profilerec.threads import use_one_thread
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -67,17 +68,6 @@ def _one_thread_each() -> contextlib.AbstractContextManager:
     # the processes share the cores: BLAS thread pools of their own (read from the environment
     # when a spawned worker imports numpy) would only fight over them
     return environment(**dict.fromkeys(("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"), "1"))
-
-
-def use_one_thread() -> None:
-    """One torch thread and one faiss thread in this process, for pool workers that share the
-    cores with each other: intra-op threads would only contend with the other workers, and their
-    pools spin idle between calls."""
-    import faiss
-    import torch
-
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
 
 
 def _init(initializer: Optional[Callable[..., None]], initargs: tuple) -> None:

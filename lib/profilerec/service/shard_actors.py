@@ -27,9 +27,7 @@ import os
 import time
 from typing import Any, Optional, Sequence
 
-import faiss
 import ray
-import torch
 from profilerec.config import ServeConfig, from_dict, to_dict
 from profilerec.data import storage
 from profilerec.data.datasets import read_catalog
@@ -44,6 +42,7 @@ from profilerec.service.read_channel import serve_reads, socket_path
 from profilerec.service.shard import ProfileShard, layout_root, layouts, max_state_bytes, repartition
 from profilerec.service.shard_store import ShardStore
 from profilerec.service.telemetry import ShardMetrics
+from profilerec.threads import use_one_thread
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +55,7 @@ def load_serving_recommender(cfg: ServeConfig, learned: Optional[dict[str, Vecto
     with, including the items and event texts learned while serving (the files of the `learned`
     logs not applied yet; see serving_logs)."""
 
-    # a request is scored on one thread: requests, replicas and shards share the cores, whatever
-    # OMP_NUM_THREADS the node's Ray was started with (an idle thread pool also spins between calls)
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
+    use_one_thread()  # a request is scored on one thread: requests, replicas and shards share the cores
     recommender = load_recommender(read_catalog(cfg.prepared), cfg.embeddings, load_profile_params(cfg.model), model=cfg.model)
     if cfg.profiles:
         recommender.set_priors(read_priors(cfg.profiles, recommender.index))
