@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+from profilerec.data.node_files import remove_unused
 from profilerec.service.learned import VectorLog
 from profilerec.service.profile_board import BoardReader, BoardWriter, user_key
 from profilerec.service.shard import ProfileShard, max_state_bytes, recommendation, state_codec
@@ -73,20 +74,23 @@ def test_a_slot_being_written_or_damaged_is_a_miss(tmp_path):
     assert reader.get("alice") is None
 
 
-def test_a_reader_sees_its_writer_die_and_the_next_writer_removes_the_dead_board(tmp_path):
-    code = ("import sys; from profilerec.service.profile_board import BoardWriter; "
-            f"w = BoardWriter({str(tmp_path / 'a-1.board')!r}, 8, 1000); w.put('alice', b'state'); "
+def test_a_reader_sees_its_writer_die_and_a_later_process_removes_the_dead_board(tmp_path):
+    code = ("import sys; from profilerec.data.node_files import process_file; "
+            "from profilerec.service.profile_board import BoardWriter; "
+            "w = BoardWriter(process_file('shard-a', '.board'), 8, 1000); w.put('alice', b'state'); "
             "print(w.path, flush=True); sys.stdin.read()")
-    writer = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "TMPDIR": str(tmp_path)})
     path = writer.stdout.readline().strip()
     reader = BoardReader(path)
     assert reader.writer_alive() and reader.get("alice") == b"state"
     assert os.stat(path).st_blocks * 512 >= os.stat(path).st_size  # allocated: a full disk cannot SIGBUS a write
+    assert remove_unused(os.path.dirname(path)) == [] and os.path.exists(path)  # its shard runs: kept
     writer.communicate("")  # the shard process ends (as when Ray kills it)
     assert not reader.writer_alive()
     reader.close()
-    BoardWriter(str(tmp_path / "a-2.board"), 8, 1000)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-2.board"]
+    assert remove_unused(os.path.dirname(path)) == [os.path.basename(path)]
+    assert not os.path.exists(path)
 
 
 def test_the_board_carries_the_catalog_fingerprint_of_the_items_files_applied(tmp_path):

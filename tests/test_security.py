@@ -11,7 +11,7 @@ import tempfile
 import pytest
 from fastapi import HTTPException
 from profilerec.config import ServeConfig
-from profilerec.data import storage
+from profilerec.data import node_files, storage
 from profilerec.errors import ConfigError
 from profilerec.service import auth
 from profilerec.service.pseudonym import log_key, pseudonym
@@ -147,18 +147,18 @@ def test_the_right_bearer_token_passes():
 
 
 def test_the_private_folder_is_made_owner_only(private_tmp):
-    folder = storage.node_private_dir()
+    folder = node_files.node_private_dir()
     assert folder == str(private_tmp / f"profilerec-{os.getuid()}")
     info = os.lstat(folder)
     assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700
-    assert storage.node_private_dir() == folder
+    assert node_files.node_private_dir() == folder
 
 
 def test_a_private_folder_of_ours_left_open_is_closed(private_tmp):
     folder = private_tmp / f"profilerec-{os.getuid()}"
     folder.mkdir()
     folder.chmod(0o777)
-    assert storage.node_private_dir() == str(folder)
+    assert node_files.node_private_dir() == str(folder)
     assert stat.S_IMODE(os.lstat(folder).st_mode) == 0o700
 
 
@@ -167,20 +167,20 @@ def test_a_symlink_in_place_of_the_private_folder_is_refused(private_tmp):
     target.mkdir(mode=0o700)
     (private_tmp / f"profilerec-{os.getuid()}").symlink_to(target)
     with pytest.raises(ConfigError, match="symbolic link"):
-        storage.node_private_dir()
+        node_files.node_private_dir()
 
 
 def test_a_dangling_symlink_in_place_of_the_private_folder_is_refused(private_tmp):
     (private_tmp / f"profilerec-{os.getuid()}").symlink_to(private_tmp / "not-yet")
     with pytest.raises(ConfigError, match="symbolic link"):
-        storage.node_private_dir()
+        node_files.node_private_dir()
     assert not (private_tmp / "not-yet").exists()
 
 
 def test_a_file_in_place_of_the_private_folder_is_refused(private_tmp):
     (private_tmp / f"profilerec-{os.getuid()}").write_text("")
     with pytest.raises(ConfigError, match="not a folder"):
-        storage.node_private_dir()
+        node_files.node_private_dir()
 
 
 def test_a_private_folder_someone_else_made_is_refused(private_tmp, monkeypatch):
@@ -192,7 +192,7 @@ def test_a_private_folder_someone_else_made_is_refused(private_tmp, monkeypatch)
     folder.mkdir(mode=0o700)
     monkeypatch.setattr(os, "getuid", lambda: me)
     with pytest.raises(ConfigError, match=f"owned by uid {someone}"):
-        storage.node_private_dir()
+        node_files.node_private_dir()
 
 
 # --- user ids in the logs --------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from profilerec.config import ScorerConfig
-from profilerec.data import storage
+from profilerec.data import node_files, storage
 from profilerec.data.schema import ITEMS_SCHEMA
 from profilerec.data.vectors import vectors_to_arrow
 from profilerec.model.index import ItemIndex, shared_index
@@ -131,5 +131,5 @@ def test_the_item_metadata_is_mapped_from_the_nodes_file_not_copied(tmp_path):
     shared_index(items, str(tmp_path / "embeddings"))  # makes the node's file
     index = shared_index(items, str(tmp_path / "embeddings"))
     titles = index.details.base["title"].chunk(0).buffers()[-1]  # the characters
-    assert _mapped_file(titles.address).startswith(storage.node_private_dir())
+    assert _mapped_file(titles.address).startswith(node_files.node_private_dir())
     assert index.meta("i7")["title"] == "A long title of item 7 " * 8

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import posixpath
-import stat
 import tempfile
 import uuid
 from typing import Any, Iterator, Optional
@@ -22,7 +21,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from profilerec.errors import ConfigError, DataError
+from profilerec.errors import DataError
 
 
 def is_uri(location: str) -> bool:
@@ -250,32 +249,6 @@ def write_table(table: pa.Table, location: str, durable: bool = False) -> None:
     write_bytes(buf.getvalue(), location, durable)
 
 
-def node_private_dir() -> str:
-    """This user's private folder in the node's temp dir (owner-only), for files the processes of
-    one node share: shard read sockets and profile boards, the memory-mapped event-text vectors.
-
-    The temp dir is shared with every local user, any of whom may have made this folder first:
-    ConfigError (naming it) unless it is a real folder (not a symbolic link) owned by this user.
-    A folder of ours that others may enter is made owner-only."""
-    folder = os.path.join(tempfile.gettempdir(), f"profilerec-{os.getuid()}")
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-    except FileExistsError:  # a file or a dangling symbolic link in its place: refused below
-        pass
-    info = os.lstat(folder)  # lstat: a link to a folder of ours is still someone else's path
-    fix = "remove it, or set TMPDIR to a folder of your own"
-    if stat.S_ISLNK(info.st_mode):
-        raise ConfigError(f"{folder} is a symbolic link, not a private folder: {fix}")
-    if not stat.S_ISDIR(info.st_mode):
-        raise ConfigError(f"{folder} is not a folder: {fix}")
-    if info.st_uid != os.getuid():
-        raise ConfigError(f"{folder} is owned by uid {info.st_uid}, not by this user (uid {os.getuid()}), who could "
-                          f"read or replace the sockets and files put there: {fix}")
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        os.chmod(folder, 0o700)  # ours but open (an older release, a umask): others may not enter it now
-    return folder
-
-
 def create_private_file(path: str, data: bytes) -> None:
     """Create local file `path` holding `data`, owner-only from its first byte; when it exists
     already (another process made it first), it is kept as it is."""
@@ -298,14 +271,6 @@ def create_private_file(path: str, data: bytes) -> None:
     finally:
         os.remove(tmp)
     fsync_dir(folder)
-
-
-def process_file(name: str, suffix: str) -> str:
-    """A file of this process for the actor called `name`, in the node's private folder: the pid
-    tells incarnations apart, so a restarted actor never uses a stale file. A hash of the name,
-    not the name: socket paths are limited to ~100 bytes."""
-    tag = hashlib.blake2b(name.encode("utf-8"), digest_size=8).hexdigest()
-    return os.path.join(node_private_dir(), f"{tag}-{os.getpid()}{suffix}")
 
 
 def local_dir(location: str) -> str:

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from profilerec.data import storage
+from profilerec.data import node_files, storage
 from profilerec.errors import DataError
 
 INDEX_FILE = "items.faiss"
@@ -193,14 +193,13 @@ def read_index(folder: str, item_ids: list[str], vectors: np.ndarray) -> IvfInde
 
 def _node_copy(folder: str, build_id: str) -> str:
     """A local folder with the index files: `folder` itself when local, else a copy made once per
-    node and build (written under a temporary name and renamed: replicas starting together)."""
+    node and build (data/node_files.py)."""
     if not storage.is_uri(folder):
         return storage.local_dir(folder)
-    copy = os.path.join(storage.node_private_dir(), f"index-{build_id}")
-    if not os.path.isdir(copy):
+
+    def copy(partial: str) -> None:
         fs, path = storage.resolve(folder)
-        temporary = f"{copy}.tmp-{uuid.uuid4().hex[:8]}"
-        os.makedirs(temporary)
-        pafs.copy_files(path, temporary, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        os.replace(temporary, copy)
-    return copy
+        os.makedirs(partial)
+        pafs.copy_files(path, partial, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+    return node_files.node_file(f"index-{build_id}", copy)

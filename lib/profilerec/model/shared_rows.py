@@ -3,9 +3,8 @@ add rows to the matrices.
 
 A large catalog's item vectors (a million items of 384 floats: 1.5 GB) would be copied into every
 shard and replica. Here the first process of a node that needs a matrix writes it to a `.npy` file
-in the node's private temp folder (under a lock, so processes starting together wait for it
-rather than each making one; under a temporary name, then renamed, so none maps a half-written
-file); every process maps that file copy-on-write, so the pages live once in the page cache.
+in the node's private temp folder (data/node_files.py: made once, kept while a process uses it);
+every process maps that file copy-on-write, so the pages live once in the page cache.
 Items added or changed while serving write into the map: only those pages become private to the
 process. The file holds spare rows past the matrix for the items
 added later; when they run out, the process grows a private copy.
@@ -14,20 +13,17 @@ An Arrow table (a large catalog's titles, brands and categories) is shared the s
 Arrow IPC file that every process maps: its columns are read from the page cache, never copied.
 
 A file is named after what it was made from (the caller's key), so a new encode or a retrained
-scorer gets a new file; old files stay until the temp folder is cleaned.
+scorer gets a new file; the old one is removed once no process uses it (node_files.py).
 """
 
 from __future__ import annotations
 
-import os
-from typing import Callable
-
-import fcntl
 import hashlib
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-from profilerec.data import storage
+from profilerec.data import node_files
 
 
 def spare_rows(rows: int) -> int:
@@ -47,7 +43,7 @@ def shared_rows(key: str, make: Callable[[], np.ndarray]) -> np.ndarray:
         out[:len(matrix)] = matrix
         out.flush()
 
-    path = _node_file(f"rows-{key}.npy", write)
+    path = node_files.node_file(f"rows-{key}.npy", write)
     # a plain view of the map: slicing a np.memmap makes a memmap object per slice
     return np.asarray(np.load(path, mmap_mode="c"))
 
@@ -61,27 +57,9 @@ def shared_table(key: str, make: Callable[[], pa.Table]) -> pa.Table:
         with pa.OSFile(partial, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
 
-    path = _node_file(f"table-{key}.arrow", write)
+    path = node_files.node_file(f"table-{key}.arrow", write)
     # the table's buffers keep the map open after the function returns
     return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
-
-
-def _node_file(name: str, write: Callable[[str], None]) -> str:
-    """The path of the file `name` in the node's private folder, written by `write(path)` first
-    when no process of the node has: under the node's lock for it (processes starting together
-    wait for the first one's file instead of each making and mapping their own), under a
-    temporary name and then renamed (no process maps a half-written file)."""
-    path = os.path.join(storage.node_private_dir(), name)
-    with open(f"{path}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not os.path.exists(path):
-                partial = f"{path}.{os.getpid()}.partial"
-                write(partial)
-                os.replace(partial, path)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return path
 
 
 def table_digest(table: pa.Table) -> str:

@@ -5,14 +5,15 @@ of vectors, and every profile shard needs all of them, because any user may send
 a dict of arrays, every shard paid for each vector again, and for Python objects around it
 (bench/text_memory.py measures both ways; its figures are in docs/benchmarks.md). Here the vectors
 of an embeddings folder are copied once per node into a local `.f32` file (hashes beside it in a
-`.npy`) and memory-mapped read-only: the pages live in the page cache, shared by every
+`.npy`; data/node_files.py) and memory-mapped read-only: the pages live in the page cache, shared by every
 shard on the node and dropped under memory pressure, and a process keeps only the sorted 12-byte
 hashes and their row numbers (20 bytes per text). Texts learned while serving are few and stay in
 a dict on top.
 
 The local copy is named after the embeddings folder's files (paths, sizes, modification times), so
-a re-run of the encode job gets a new copy; copies are written under a temporary name and renamed,
-so shards starting together never read a half-written file.
+a re-run of the encode job gets a new copy (and the old one goes once no process uses it); copies
+are written under a temporary name and renamed, so shards starting together never read a
+half-written file.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import os
 from typing import Iterable, Optional
 
 import numpy as np
-from profilerec.data import storage
+from profilerec.data import node_files, storage
 from profilerec.data.vectors import vectors_from_arrow
 
 KEY_BYTES = 12  # text_hash is a blake2b-96 hex digest
 SCAN_ROWS = 65_536
+KEYS_FILE, VECTORS_FILE = "keys.npy", "vectors.f32"  # in the node's copy of an embeddings folder
 
 
 class TextVectors:
@@ -83,30 +85,24 @@ def load_text_vectors(location: str, cache_dir: Optional[str] = None) -> TextVec
     the temp dir), made on first use."""
     if not storage.exists(location):
         return empty_text_vectors()
-    cache_dir = cache_dir or storage.node_private_dir()
-    os.makedirs(cache_dir, exist_ok=True)
-    base = os.path.join(cache_dir, f"texts-{storage.fingerprint(location)}")
-    if not os.path.exists(base + ".vectors.f32"):
-        _copy_to_node(location, base)
-    keys = np.load(base + ".keys.npy")
-    size = os.path.getsize(base + ".vectors.f32")
+    copy = node_files.node_file(f"texts-{storage.fingerprint(location)}",
+                                lambda partial: _copy_to_node(location, partial), cache_dir)
+    keys = np.load(os.path.join(copy, KEYS_FILE))
+    path = os.path.join(copy, VECTORS_FILE)
+    size = os.path.getsize(path)
     if not len(keys) or not size:
         return empty_text_vectors()
-    vectors = np.memmap(base + ".vectors.f32", dtype=np.float32, mode="r", shape=(len(keys), size // 4 // len(keys)))
+    vectors = np.memmap(path, dtype=np.float32, mode="r", shape=(len(keys), size // 4 // len(keys)))
     return TextVectors(keys, vectors)
 
 
-def _copy_to_node(location: str, base: str) -> None:
-    """Stream the folder's rows into `base`.keys.npy (hashes) and `base`.vectors.f32 (float32
-    rows in the same order), one chunk at a time."""
-
-    partial = f"{base}.{os.getpid()}.partial"
+def _copy_to_node(location: str, folder: str) -> None:
+    """Stream the folder's rows into `folder`: KEYS_FILE (hashes) and VECTORS_FILE (float32 rows in
+    the same order), one chunk at a time."""
+    os.makedirs(folder)
     keys = []
-    with open(partial + ".vectors.f32", "wb") as out:
+    with open(os.path.join(folder, VECTORS_FILE), "wb") as out:
         for table in storage.iter_tables(location, SCAN_ROWS, columns=["text_hash", "vector"]):
             keys.append(_raw_keys(table.column("text_hash").to_pylist()))
             out.write(vectors_from_arrow(table.column("vector")).tobytes())
-    np.save(partial + ".keys.npy", np.concatenate(keys) if keys else _raw_keys([]))
-    # keys first: a reader looks for the vectors file, so it must be the last to appear
-    os.replace(partial + ".keys.npy", base + ".keys.npy")
-    os.replace(partial + ".vectors.f32", base + ".vectors.f32")
+    np.save(os.path.join(folder, KEYS_FILE), np.concatenate(keys) if keys else _raw_keys([]))

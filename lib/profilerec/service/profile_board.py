@@ -21,7 +21,8 @@ Rules that keep a board read exactly as good as a read from the shard:
   order the CPU makes the writes visible in.
 - The shard holds an exclusive lock (flock) on its board for as long as it lives. A reader that can
   take the lock knows the shard died: its restarted incarnation writes a new board, so the reader
-  drops this one. Readers check after copying, so what they return was current.
+  drops this one (a later process of the node deletes it: data/node_files.py). Readers check
+  after copying, so what they return was current.
 - Rows in the packed state are rows of the shard's item index. The header holds a fingerprint of
   the catalog files the shard applied (learned.VectorLog.fingerprint); a reader uses a slot only
   when its own index has the same fingerprint, before and after the copy.
@@ -97,7 +98,6 @@ class BoardWriter:
         if slots < 1:
             raise ValueError("a profile board needs at least one slot")
         slot_size = slot_bytes(max_state_bytes)
-        _remove_dead_boards(os.path.dirname(path))
         # locked under another name, then renamed: no one ever sees this board unlocked
         fd = os.open(path + ".new", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -191,23 +191,3 @@ class BoardReader:
 
     def close(self) -> None:
         self.board.close()
-
-
-def _remove_dead_boards(folder: str) -> None:
-    """Remove the boards in `folder` whose shard died (their lock is free): the earlier
-    incarnations of a restarted shard, the shards of a deleted application."""
-    for name in os.listdir(folder):
-        if not name.endswith(".board"):
-            continue
-        path = os.path.join(folder, name)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.remove(path)
-        except (BlockingIOError, FileNotFoundError):
-            pass  # alive, or a reader is checking it right now: left for a later cleanup
-        finally:
-            os.close(fd)

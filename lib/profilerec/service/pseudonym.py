@@ -3,7 +3,7 @@
 A pseudonym is a keyed hash, so that no one without the key can hash a guessed id and look for
 it in the logs. The key is $PROFILEREC_LOG_KEY when set (give every node of a deployment the same
 value, e.g. in the Ray runtime_env, for a user to have one pseudonym in every node's logs); else a
-random key drawn once per node and OS user, kept owner-only in storage.node_private_dir() as
+random key drawn once per node and OS user, kept owner-only in node_files.node_private_dir() as
 "log-key", so every process of the node, restarted ones included, uses the same one (a new key,
 and new pseudonyms, once the node's temp dir is cleared). It is not derived from the API token:
 rotating the token keeps the pseudonyms.
@@ -16,7 +16,7 @@ import hashlib
 import os
 import secrets
 
-from profilerec.data import storage
+from profilerec.data import node_files, storage
 
 KEY_ENV = "PROFILEREC_LOG_KEY"
 
@@ -32,7 +32,7 @@ def log_key(configured: str) -> bytes:
     """The hashing key from the `configured` secret, or from the node's key file when it is blank."""
     secret = configured.strip().encode("utf-8")
     if not secret:
-        path = os.path.join(storage.node_private_dir(), "log-key")
+        path = os.path.join(node_files.node_private_dir(), "log-key")
         storage.create_private_file(path, secrets.token_hex(32).encode())
         with open(path, "rb") as f:
             secret = f.read().strip()

@@ -32,7 +32,7 @@ import socket
 import time
 from typing import Any, Callable, Optional
 
-from profilerec.data import storage
+from profilerec.data import node_files
 from profilerec.service.pseudonym import pseudonym
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ class ReadFailed(Exception):
 
 
 def socket_path(name: str) -> str:
-    """Where the actor called `name` in this process listens (storage.process_file)."""
-    return storage.process_file(name, ".sock")
+    """Where the actor called `name` in this process listens (node_files.process_file)."""
+    return node_files.process_file(name, ".sock")
 
 
 async def serve_reads(path: str, operations: dict[str, Callable[..., Any]]) -> asyncio.AbstractServer:

@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 
 import ray
 from profilerec.config import ServeConfig, from_dict, to_dict
-from profilerec.data import storage
+from profilerec.data import node_files, storage
 from profilerec.data.datasets import read_catalog
 from profilerec.data.schema import Event
 from profilerec.errors import ValidationError
@@ -101,7 +101,7 @@ class ShardActor:
         recommender = load_serving_recommender(self.cfg, self.learned)
         self.board: Optional[BoardWriter] = None
         if self.cfg.board_users > 0:
-            location = storage.process_file(name, ".board")
+            location = node_files.process_file(name, ".board")
             try:
                 self.board = BoardWriter(location, self.cfg.board_users, max_state_bytes(recommender))
                 self.board.set_fingerprint(self.learned[ITEMS_LOG].fingerprint)
