@@ -1,5 +1,7 @@
 """The batch jobs stream the log in chunks of whole users: the same results as the whole log at once."""
 
+import dataclasses
+
 import numpy as np
 import profilerec.data.datasets as datasets
 import pyarrow as pa
@@ -11,6 +13,8 @@ from profilerec.batch.index import run_index
 from profilerec.batch.profiles import run_profiles
 from profilerec.config import EvaluateConfig, IndexConfig, PrepareConfig, ProfilesConfig, RetrievalConfig
 from profilerec.data import storage
+from profilerec.data.learned import ITEMS_LOG, VectorLog
+from profilerec.data.schema import ITEMS_SCHEMA
 from profilerec.data.vectors import vectors_to_arrow
 from profilerec.errors import ConfigError, DataError
 from profilerec.model.priors import item_priors, log_priors
@@ -119,3 +123,55 @@ def test_index_job_writes_an_index_the_service_and_evaluation_use(prepared):
         changed.use_retrieval(RetrievalConfig(mode="two_stage", index=str(tmp / "nowhere")))
     with pytest.raises(ConfigError, match="setting retrieval.mode"):
         changed.use_retrieval(RetrievalConfig(mode="fast"))
+
+
+def _learned_items(ids: list[str], dim: int, seed: int) -> tuple[pa.Table, np.ndarray]:
+    """Items as PUT /v1/items logs them, with random unit vectors."""
+    vectors = np.random.default_rng(seed).normal(size=(len(ids), dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = [{"item_id": i, "title": f"T {i}", "description": None, "brand": None, "categories": [], "extra": None}
+            for i in ids]
+    return pa.Table.from_pylist(rows, schema=ITEMS_SCHEMA), vectors
+
+
+def test_a_rebuilt_index_holding_the_items_learned_while_serving_is_swapped_in(prepared):
+    tmp, data = prepared
+    folders = dict(input=str(tmp / "prepared"), embeddings=str(tmp / "embeddings"), model=str(tmp / "no-model"))
+    state, index = str(tmp / "serve-state"), str(tmp / "live-index")
+    exact_search = dict(threads=1, probes=10_000)  # every cluster: two-stage ranks as scoring every item
+    run_index(IndexConfig(**folders, output=index, **exact_search))
+    two_stage = RetrievalConfig(mode="two_stage", index=index)
+    behind = load_recommender(data.items, str(tmp / "embeddings"))  # a process that has not learned them yet
+    behind.use_retrieval(two_stage)
+    served_log = VectorLog(state, ITEMS_LOG)
+    served_log.append(*_learned_items([data.items.column("item_id")[0].as_py(), "new-1", "new-2"], 16, seed=1))
+    serving = load_recommender(data.items, str(tmp / "embeddings"))
+    serving.apply_learned({ITEMS_LOG: served_log})
+    serving.use_retrieval(two_stage)
+    n = data.items.num_rows
+    assert serving.retrieval.fresh == {0, n, n + 1}  # changed since the build: searched exactly
+
+    manifest = run_index(IndexConfig(**folders, output=index, serving_state=state, **exact_search))
+    assert manifest["items"] == n + 2 and manifest["learned"] == served_log.fingerprint != 0
+    served_log.append(*_learned_items(["late"], 16, seed=2))  # learned after the rebuild
+    serving.apply_learned({ITEMS_LOG: served_log})
+    assert serving.load_rebuilt_index()
+    assert not serving.load_rebuilt_index()  # loaded once
+    sequences = user_sequences(data.events)
+    states = [build_profile(u, seq, serving.vector_of, serving.params, serving.index.meta)
+              for u, seq in list(sequences.items())[:20]]
+    staged = [serving.recommend(s, k=10) for s in states]  # swaps the rebuilt index in first
+    assert serving.retrieval.build["build_id"] == manifest["build_id"] and serving.retrieval.index.size == n + 2
+    assert serving.retrieval.fresh == {n + 2}  # only what the build does not hold
+    exact = dataclasses.replace(serving, retrieval=None)
+    for got, expected in zip(staged, (exact.recommend(s, k=10) for s in states)):
+        assert [r["item_id"] for r in got] == [r["item_id"] for r in expected]
+        assert [r["score"] for r in got] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+    assert "late" in [r["item_id"] for r in staged[1]]  # an item learned after the build, found at once
+
+    # the process that had not learned the build's items keeps its index until it has
+    assert not behind.load_rebuilt_index() and behind.retrieval.build["build_id"] != manifest["build_id"]
+    behind.apply_learned({ITEMS_LOG: VectorLog(state, ITEMS_LOG)})
+    assert behind.load_rebuilt_index()
+    behind.recommend(states[0], k=10)
+    assert behind.retrieval.build["build_id"] == manifest["build_id"] and behind.retrieval.fresh == {n + 2}

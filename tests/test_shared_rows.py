@@ -15,6 +15,7 @@ from profilerec.data.schema import ITEMS_SCHEMA
 from profilerec.data.vectors import vectors_to_arrow
 from profilerec.model.index import ItemIndex, shared_index
 from profilerec.model.priors import empty_priors, grown_priors
+from profilerec.model.recommend import Recommender
 from profilerec.model.scorer import ProfileScorer
 from profilerec.model.shared_rows import set_rows, spare_rows
 
@@ -111,6 +112,35 @@ def test_the_scorers_item_matrix_follows_changed_items_row_by_row():
     np.testing.assert_allclose(scorer.item_rows(), expected, rtol=1e-5, atol=1e-6)
     unchanged = [r for r in range(50) if r != 3]
     np.testing.assert_array_equal(scorer.item_rows()[unchanged], before[unchanged])
+
+
+def test_items_changed_before_the_scorers_rows_are_first_used_are_scored_by_their_new_vectors(tmp_path):
+    # a serving process applies the items learned while serving before it first scores (so that an
+    # index holding them can be opened): its rows must not be the node's file of the catalog's rows
+    items, _ = _catalog(tmp_path, n=2000)
+
+    def loaded() -> Recommender:
+        index = shared_index(items, str(tmp_path / "embeddings"))
+        torch.manual_seed(0)
+        scorer = ProfileScorer(index.vectors, empty_priors(len(index)), 10, ScorerConfig()).eval()
+        with torch.no_grad():
+            for weight in scorer.parameters():
+                weight.normal_(std=0.3)
+        scorer.shared_key = index.shared_key
+        return Recommender(index, scorer=scorer)
+
+    first = loaded()
+    catalog_rows = first.item_matrix().copy()  # the node's file of the catalog's rows, made here
+    second = loaded()
+    changed = pa.Table.from_pylist([{"item_id": i, "title": i, "description": None, "brand": None, "categories": [],
+                                     "extra": None} for i in ("i3", "brand-new")], schema=ITEMS_SCHEMA)
+    vectors = np.random.default_rng(5).normal(size=(2, DIM)).astype(np.float32)
+    second.upsert_items(changed, vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    with torch.no_grad():
+        expected = second.scorer.item_matrix().numpy()
+    np.testing.assert_allclose(second.item_matrix(), expected, rtol=1e-5, atol=1e-6)
+    assert len(second.item_matrix()) == 2001
+    np.testing.assert_array_equal(first.item_matrix(), catalog_rows)  # the other process's rows are unchanged
 
 
 def _mapped_file(address: int) -> str:

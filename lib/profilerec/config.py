@@ -249,6 +249,9 @@ class IndexConfig:
     recall_queries: int = setting(1000, "queries recall is measured on (against exact search): profiles replayed "
                                         "from the log's validation cases, or mixes of item vectors without cases")
     threads: Optional[int] = setting(None, "threads building the index; none: every core")
+    serving_state: str = setting("", "the service's state_dir: index the items it learned while serving "
+                                     "(PUT /v1/items) too, so that a running service swaps the rebuilt index "
+                                     "in and stops searching them exactly; blank: the catalog only")
 
 
 RETRIEVAL_MODES = ("auto", "exact", "two_stage")
@@ -265,6 +268,8 @@ class RetrievalConfig:
     index: str = setting(f"{DEFAULT_WORK_DIR}/index", "the nearest-neighbour index (output of index)")
     nearest: int = setting(200, "candidates per profile from the index")
     popular: int = setting(50, "the most popular items: candidates of every profile")
+    reload_s: float = setting(30.0, "seconds between a serving process's checks for a rebuilt index, "
+                                    "which it then swaps in without a restart; 0: never")
 
 
 @dataclass

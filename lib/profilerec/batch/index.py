@@ -8,9 +8,15 @@ user vectors of profiles replayed from the log (the histories of its validation 
 split stays unread); a log without cases gets mixes of a few item vectors instead, a harder query
 (they fall between the catalog's clusters), which costs more probes.
 
+With `serving_state` (the service's state_dir) the index holds the items the service learned while
+serving (PUT /v1/items) too, after the catalog's, in the order the service applies them; serving
+processes swap a new build in without a restart (Recommender.load_rebuilt_index) and from then on
+search exactly only the items changed after it.
+
 Output (under the job's output location): the index, the item id of each of its rows, a sample of
 the vectors it was built from, and manifest.json: its kind and parameters, the number of items, the
-build's seconds, and its recall@10 and recall@100 at the chosen probes.
+build's seconds, its recall@10 and recall@100 at the chosen probes, and `learned`: the fingerprint
+of the service's items log it holds (0: none).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 import pyarrow.compute as pc
 from profilerec.config import IndexConfig
 from profilerec.data.datasets import prepared_manifest, read_catalog, read_prepared_table
+from profilerec.data.learned import ITEMS_LOG, VectorLog
 from profilerec.model.ann import IvfIndex, build_ivf, write_index
 from profilerec.model.recommend import Recommender, load_profile_params, load_recommender
 from profilerec.model.replay import Case, case_states, iter_cases, user_sequences
@@ -40,9 +47,15 @@ def run_index(cfg: IndexConfig) -> dict[str, Any]:
     measure its recall, write it; returns the manifest."""
     recommender = load_recommender(read_catalog(cfg.input), cfg.embeddings, load_profile_params(cfg.model),
                                    model=cfg.model)
+    learned = VectorLog(cfg.serving_state, ITEMS_LOG) if cfg.serving_state else None
+    if learned is not None:
+        # in the order the service applies them, so the rows are the serving processes' rows
+        log.info("adding %d items learned while serving", recommender.apply_learned({ITEMS_LOG: learned}))
     vectors = recommender.item_matrix()
     index, manifest = built_index(vectors, cfg, profile_queries(recommender, cfg.input, cfg.recall_queries))
     manifest["vectors"] = "scorer" if recommender.scorer is not None else "text"
+    # which of the items log's files the index holds (a serving process searches the rest exactly)
+    manifest["learned"] = learned.fingerprint if learned is not None else 0
     return write_index(index, cfg.output, recommender.index.item_ids, vectors, manifest)
 
 

@@ -171,12 +171,19 @@ def index_exists(folder: Optional[str]) -> bool:
     return bool(folder) and storage.exists(storage.join(folder, MANIFEST_FILE))
 
 
-def read_index(folder: str, item_ids: list[str], vectors: np.ndarray) -> IvfIndex:
-    """The index in `folder`, memory-mapped (from a node-local copy when `folder` is in a bucket),
-    after checking that it indexes these items' vectors: its rows must be the first rows of
-    `item_ids` (items added since are searched apart), and its sample rows must match `vectors`
-    (else the model or the embeddings changed since the build)."""
-    manifest = storage.read_json(storage.join(folder, MANIFEST_FILE))
+def read_manifest(folder: str) -> dict[str, Any]:
+    """The manifest of the index in `folder` (its build_id names the build)."""
+    return storage.read_json(storage.join(folder, MANIFEST_FILE))
+
+
+def read_index(folder: str, item_ids: list[str], vectors: np.ndarray, manifest: Optional[dict[str, Any]] = None,
+               changed: Optional[np.ndarray] = None) -> IvfIndex:
+    """The index in `folder` (of `manifest`, else the one there now), memory-mapped (from a
+    node-local copy when `folder` is in a bucket), after checking that it indexes these items'
+    vectors: its rows must be the first rows of `item_ids` (items added since are searched apart),
+    and its sample rows must match `vectors` but for the `changed` rows (changed since the build),
+    else the model or the embeddings changed since the build."""
+    manifest = manifest or read_manifest(folder)
     local = _node_copy(folder, manifest["build_id"])
     built_ids = pq.read_table(os.path.join(local, IDS_FILE)).column("item_id").to_pylist()
     rebuild = f"run `profilerec index` again (output {folder})"
@@ -184,7 +191,8 @@ def read_index(folder: str, item_ids: list[str], vectors: np.ndarray) -> IvfInde
         raise DataError(f"the index in {folder} was built for another catalog: {rebuild}")
     sample = np.load(os.path.join(local, SAMPLE_FILE))
     rows = sample_rows(len(built_ids))
-    if sample.shape != (len(rows), vectors.shape[1]) or not np.allclose(sample, vectors[rows], atol=1e-4):
+    same = ~np.isin(rows, changed) if changed is not None else np.ones(len(rows), dtype=bool)
+    if sample.shape != (len(rows), vectors.shape[1]) or not np.allclose(sample[same], vectors[rows[same]], atol=1e-4):
         raise DataError(f"the index in {folder} was built from other item vectors (the model or the "
                         f"embeddings changed since): {rebuild}")
     index = faiss.read_index(os.path.join(local, INDEX_FILE), faiss.IO_FLAG_MMAP_IFC)

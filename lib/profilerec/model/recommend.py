@@ -9,6 +9,7 @@ profile (cosine of the interest vectors); a user with no event yet gets the popu
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -16,12 +17,14 @@ import numpy as np
 import pyarrow as pa
 from profilerec.config import RetrievalConfig
 from profilerec.data import storage
+from profilerec.data.learned import ITEMS_LOG, TEXTS_LOG, VectorLog
 from profilerec.data.schema import Event
 from profilerec.model.encoder import text_hash
+from profilerec.model.ann import read_manifest
 from profilerec.model.index import ItemIndex, best_rows, shared_index
 from profilerec.model.priors import ItemPriors, empty_priors, grown_priors
 from profilerec.model.profile import ProfileParams, ProfileState, event_embedding, interest_vectors, zero_shot_query
-from profilerec.model.retrieval import Retrieval, configured_retrieval
+from profilerec.model.retrieval import Retrieval, configured_retrieval, index_retrieval, unheld_changes
 from profilerec.model.row_sets import distinct, member
 from profilerec.model.scorer import (
     SCORER_META,
@@ -40,6 +43,8 @@ SCORER_DIR = "scorer"  # inside a model folder, next to a fine-tuned `encoder`
 # past it, the ranking may miss an item that only its popularity places (a bound on the cost)
 LIFTED_LIMIT = 10_000
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Recommender:
@@ -56,6 +61,11 @@ class Recommender:
         # popularity_scores and popular_rows, made on first use, dropped when the priors or items change
         self._popularity: Optional[np.ndarray] = None
         self._popular: Optional[np.ndarray] = None
+        # the item changes made since the catalog was loaded (retrieval.ItemChanges): which of them
+        # an index build holds
+        self.changes: list[tuple[Optional[int], np.ndarray]] = []
+        # a rebuilt index loaded by another thread (load_rebuilt_index), and how many changes it saw
+        self._rebuilt: Optional[tuple[Retrieval, int]] = None
 
     def vector_of(self, event: Event) -> Optional[np.ndarray]:
         """The embedding `event` adds to a profile (item and/or its own text), or None."""
@@ -96,11 +106,17 @@ class Recommender:
         if self.scorer is not None:
             self.scorer.set_priors(priors)
 
-    def upsert_items(self, items: pa.Table, vectors: np.ndarray) -> None:
+    def upsert_items(self, items: pa.Table, vectors: np.ndarray, learned: Optional[int] = None) -> None:
         """Add new items (ITEMS_SCHEMA rows with their unit `vectors`) and replace changed ones;
-        they are scored from now on. New items have no popularity or transitions yet."""
+        they are scored from now on. New items have no popularity or transitions yet. `learned`:
+        the fingerprint of the service's items log after the file they come from."""
+        if self.scorer is not None:
+            # the scorer's rows of the catalog as loaded first: they are the node's shared file of
+            # those vectors, which the changed rows then overwrite in this process only
+            self.scorer.item_rows()
         cols = items.to_pydict()
         rows = self.index.upsert(cols["item_id"], vectors, cols["brand"], cols["categories"], cols["title"])
+        self.changes.append((learned, np.asarray(rows, dtype=np.int64)))
         self.priors = grown_priors(self.priors or empty_priors(0), len(self.index))
         self._popularity = self._popular = None
         if self.scorer is not None:
@@ -146,6 +162,8 @@ class Recommender:
         """Rows and scores of the `k` best items of each profile among its candidates (retrieval.py),
         leaving out its `exclude` rows and, with `allowed` (sorted rows), every other item. When a
         filter leaves fewer than `k` candidates, every allowed item is scored."""
+        if self._rebuilt is not None:
+            self._swap_rebuilt()
         if self.retrieval is None:
             raise ValueError("two_stage_top needs a Recommender with retrieval")
         excluded = [distinct(rows) for rows in exclude]
@@ -214,9 +232,50 @@ class Recommender:
             return frozen_row_scores(self.scorer.frozen(), parts, rows)
         return parts.user @ self.index.vectors[rows].T
 
+    def apply_learned(self, logs: dict[str, VectorLog]) -> int:
+        """Apply the files of the service's items and/or texts logs (data/learned.py) not applied
+        yet; returns the rows applied."""
+        applied = 0
+        items_log = logs.get(ITEMS_LOG)
+        for items, vectors in items_log.unapplied() if items_log else ():
+            self.upsert_items(items, vectors, learned=items_log.fingerprint)
+            applied += items.num_rows
+        for texts, vectors in logs[TEXTS_LOG].unapplied() if TEXTS_LOG in logs else ():
+            self.text_vectors.update(zip(texts.column("text_hash").to_pylist(), vectors))
+            applied += texts.num_rows
+        return applied
+
     def use_retrieval(self, cfg: RetrievalConfig) -> None:
         """Score candidates (two-stage) or every item from now on, as `cfg` says (retrieval.py)."""
-        self.retrieval = configured_retrieval(cfg, self.index.item_ids, self.item_matrix())
+        self.retrieval = configured_retrieval(cfg, self.index.item_ids, self.item_matrix(), self.changes)
+
+    def load_rebuilt_index(self) -> bool:
+        """Load the index at the retrieval's source when it is a new build that holds no item this
+        process has not learned, to be swapped in before the next recommendation; True when one
+        was. Safe beside recommendations (a serving process calls it from another thread);
+        DataError when the new build indexes another catalog or other vectors."""
+        current = self.retrieval
+        if current is None or not current.source or self._rebuilt is not None:
+            return False
+        manifest = read_manifest(current.source)
+        if manifest["build_id"] == current.build.get("build_id"):
+            return False
+        seen = len(self.changes)
+        rebuilt = index_retrieval(current, self.index.item_ids, self.item_matrix(), self.changes[:seen], manifest)
+        if rebuilt is not None:
+            self._rebuilt = (rebuilt, seen)
+        return rebuilt is not None
+
+    def _swap_rebuilt(self) -> None:
+        """Take the rebuilt index loaded by load_rebuilt_index, on the thread that recommends (so
+        that no change slips in between), with the changes made since it was loaded."""
+        (rebuilt, seen), self._rebuilt = self._rebuilt, None
+        for _, rows in self.changes[seen:]:
+            rebuilt.changed(rows.tolist())
+        self.changes = list(unheld_changes(self.changes, rebuilt.build.get("learned", 0)))  # the rest it holds
+        self.retrieval = rebuilt
+        log.info("swapped in the index build %s (%d items); %d items searched exactly until the next build",
+                 rebuilt.build["build_id"], rebuilt.build["items"], len(rebuilt.fresh))
 
     def explain(self, state: ProfileState, item_id: str) -> dict[str, Any]:
         """Why `item_id` suits the profile: its similarity to the short- and long-term interests

@@ -23,15 +23,20 @@ differs from the full ranking only where the nearest-neighbour search misses.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Any, Iterable, Optional, Protocol, Sequence
 
 import numpy as np
 from profilerec.config import RETRIEVAL_MODES, RetrievalConfig
 from profilerec.errors import ConfigError
-from profilerec.model.ann import index_exists, read_index
+from profilerec.model.ann import index_exists, read_index, read_manifest
 from profilerec.model.row_sets import distinct, member
 from profilerec.model.scorer import ScoreParts
+
+# the changes made to a catalog's items, in order: (the items log's fingerprint after the file that
+# made the change, None for a change from elsewhere; the item rows it added or changed)
+ItemChanges = Sequence[tuple[Optional[int], np.ndarray]]
 
 
 class NearestItems(Protocol):
@@ -86,6 +91,8 @@ class Retrieval:
     popular: int = 50
     fresh: set[int] = field(default_factory=set)  # rows added or changed since: searched exactly
     exact_filtered: int = 20_000  # a filter allowing at most this many items is searched exactly
+    source: str = ""  # the folder `index` was read from ("": none, so no rebuild is swapped in)
+    build: dict[str, Any] = field(default_factory=dict)  # the manifest of its build
 
     def __post_init__(self) -> None:
         self._fresh_rows: Optional[np.ndarray] = None  # fresh_rows, made on first use
@@ -115,7 +122,7 @@ class Retrieval:
             out.append(distinct(rows[rows >= 0]))
         return Candidates(out, reach)
 
-    def changed(self, rows: list[int]) -> None:
+    def changed(self, rows: Iterable[int]) -> None:
         """Items at `rows` were added or got a new vector: search them exactly from now on."""
         self.fresh.update(rows)
         self._fresh_rows = None
@@ -159,15 +166,47 @@ def check_retrieval(cfg: RetrievalConfig, prefix: str = "retrieval.") -> None:
         raise ConfigError(f"setting {prefix}popular must be 0 or more, got {cfg.popular}")
 
 
-def configured_retrieval(cfg: RetrievalConfig, item_ids: list[str], matrix: np.ndarray) -> Optional[Retrieval]:
+def configured_retrieval(cfg: RetrievalConfig, item_ids: list[str], matrix: np.ndarray,
+                         changes: ItemChanges = ()) -> Optional[Retrieval]:
     """The Retrieval `cfg` asks for over a catalog (`item_ids`, and `matrix`: the vectors the user
-    vectors are compared with), or None to score every item. Items after the index's rows (added
-    since it was built) are searched exactly."""
+    vectors are compared with, after the `changes` made to it), or None to score every item."""
     check_retrieval(cfg)
     if cfg.mode == "exact" or (cfg.mode == "auto" and len(item_ids) < cfg.two_stage_from):
         return None
     if not index_exists(cfg.index):
         raise ConfigError(f"setting retrieval.index: no index at {cfg.index}, and two-stage retrieval of "
                           f"{len(item_ids)} items needs one: run `profilerec index` (or set retrieval.mode exact)")
-    index = read_index(cfg.index, item_ids, matrix)
-    return Retrieval(index, cfg.nearest, cfg.popular, fresh=set(range(index.size, len(item_ids))))
+    template = Retrieval(ExactNearest(matrix[:0]), cfg.nearest, cfg.popular, source=cfg.index)
+    retrieval = index_retrieval(template, item_ids, matrix, changes)
+    if retrieval is None:
+        raise ConfigError(f"setting retrieval.index: the index at {cfg.index} holds items learned while serving "
+                          f"that this process has not found in the service's items log: run `profilerec index` "
+                          f"again (with serving_state set to the service's state_dir)")
+    return retrieval
+
+
+def index_retrieval(like: Retrieval, item_ids: list[str], matrix: np.ndarray, changes: ItemChanges,
+                    manifest: Optional[dict[str, Any]] = None) -> Optional[Retrieval]:
+    """A Retrieval like `like` over the index at its source (the build of `manifest`, else the
+    one there now) for a catalog (`item_ids`, `matrix`) after `changes`: the rows the build does
+    not hold are searched exactly. None when the build holds items learned while serving that
+    `changes` have not reached yet."""
+    manifest = manifest or read_manifest(like.source)
+    unheld = unheld_changes(changes, manifest.get("learned", 0))
+    if unheld is None or manifest["items"] > len(item_ids):
+        return None
+    changed = np.concatenate([rows for _, rows in unheld] + [np.zeros(0, dtype=np.int64)])
+    index = read_index(like.source, item_ids, matrix, manifest, changed=changed)
+    fresh = set(range(index.size, len(item_ids))).union(changed.tolist())
+    return dataclasses.replace(like, index=index, fresh=fresh, build=manifest)
+
+
+def unheld_changes(changes: ItemChanges, learned: int) -> Optional[ItemChanges]:
+    """The `changes` that an index built with the items log at fingerprint `learned` (0: none of
+    it) does not hold: those after the log reached it, and those from elsewhere. None when these
+    changes never reached it."""
+    marks = [i for i, (fingerprint, _) in enumerate(changes) if fingerprint == learned]
+    if learned and not marks:
+        return None
+    start = marks[-1] + 1 if marks else 0
+    return [(fingerprint, rows) for i, (fingerprint, rows) in enumerate(changes) if i >= start or fingerprint is None]

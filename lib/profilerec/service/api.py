@@ -39,11 +39,11 @@ from profilerec.errors import ShardRetired, StorageUnavailable, ValidationError
 from profilerec.model.encoder import TextEncoder, pick_device, runnable_precision, text_hash
 from profilerec.model.retrieval import check_retrieval
 from profilerec.service.auth import api_token, check_bearer
-from profilerec.service.learned import ITEMS_LOG, TEXTS_LOG
+from profilerec.data.learned import ITEMS_LOG, TEXTS_LOG
 from profilerec.service.pseudonym import pseudonym
 from profilerec.service.reads import ShardReads
 from profilerec.service.shard import DEDUP_WINDOW, shard_of
-from profilerec.service.shard_actors import apply_learned, load_serving_recommender, open_shards, serving_logs
+from profilerec.service.shard_actors import load_serving_recommender, open_shards, serving_logs, watch_index
 from profilerec.service.telemetry import IngressMetrics
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -282,13 +282,14 @@ class Ingress:
         # text_vectors, memory-mapped: text_vectors.py)
         self.learned_texts: set[str] = set()
         self._catch_up()
+        watch_index(self.recommender, self.cfg.retrieval.reload_s)
         self.token = api_token(self.cfg)
         self.reads = ShardReads(self.shards, self.cfg, self.recommender, self.learned[ITEMS_LOG], self._catch_up)
         log.info("ingress ready: %d shards, %d items", len(self.shards), len(self.recommender.index))
 
     def _catch_up(self) -> None:
         """Learn the items and texts other replicas added."""
-        apply_learned(self.recommender, {ITEMS_LOG: self.learned[ITEMS_LOG]})
+        self.recommender.apply_learned({ITEMS_LOG: self.learned[ITEMS_LOG]})
         for texts, _ in self.learned[TEXTS_LOG].unapplied():
             self.learned_texts.update(texts.column("text_hash").to_pylist())
 

@@ -22,8 +22,10 @@ Two changes are handled when an ingress replica starts (`open_shards`):
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
+import threading
 import time
 from typing import Any, Optional, Sequence
 
@@ -36,7 +38,7 @@ from profilerec.errors import ValidationError
 from profilerec.model.encoder import text_hash
 from profilerec.model.priors import read_priors
 from profilerec.model.recommend import Recommender, load_profile_params, load_recommender
-from profilerec.service.learned import ITEMS_LOG, TEXTS_LOG, VectorLog
+from profilerec.data.learned import ITEMS_LOG, TEXTS_LOG, VectorLog
 from profilerec.service.profile_board import BoardWriter
 from profilerec.service.read_channel import serve_reads, socket_path
 from profilerec.service.shard import ProfileShard, layout_root, layouts, max_state_bytes, repartition
@@ -59,30 +61,42 @@ def load_serving_recommender(cfg: ServeConfig, learned: Optional[dict[str, Vecto
     recommender = load_recommender(read_catalog(cfg.prepared), cfg.embeddings, load_profile_params(cfg.model), model=cfg.model)
     if cfg.profiles:
         recommender.set_priors(read_priors(cfg.profiles, recommender.index))
-    recommender.use_retrieval(cfg.retrieval)  # first: items learned below count as changed since the index
-    apply_learned(recommender, learned or serving_logs(cfg))
+    recommender.apply_learned(learned or serving_logs(cfg))
+    recommender.use_retrieval(cfg.retrieval)  # after: the index may hold some of the items learned
     if recommender.scorer is not None:
         # the scorer's item rows now, not on the first request (seconds at a million items)
         recommender.scorer.frozen()
+    # the catalog's ids and their row table live as long as the process: out of the garbage
+    # collector's full passes, which would otherwise walk millions of them while requests wait
+    gc.freeze()
     return recommender
+
+
+def watch_index(recommender: Recommender, every_s: float) -> None:
+    """Every `every_s` seconds (0: never), look for a rebuilt index at the recommender's index
+    folder and load it for the recommender to swap in (Recommender.load_rebuilt_index), on a
+    thread of its own: loading a million items' index takes seconds no request should wait for."""
+    retrieval = recommender.retrieval
+    if every_s <= 0 or retrieval is None or not retrieval.source:
+        return
+
+    def watch() -> None:
+        refused = ""
+        while True:
+            time.sleep(every_s)
+            try:
+                recommender.load_rebuilt_index()
+            except Exception as error:  # noqa: BLE001 - a thread of its own: say why, keep the index in use
+                if str(error) != refused:
+                    log.warning("keeping the index in use, not the one now at %s: %s", retrieval.source, error)
+                    refused = str(error)
+
+    threading.Thread(target=watch, name="index-watch", daemon=True).start()
 
 
 def serving_logs(cfg: ServeConfig) -> dict[str, VectorLog]:
     """The durable logs of items and event texts learned while serving (learned.py)."""
     return {name: VectorLog(cfg.state_dir, name) for name in (ITEMS_LOG, TEXTS_LOG)}
-
-
-def apply_learned(recommender: Recommender, logs: dict[str, VectorLog]) -> int:
-    """Apply the files of `logs` (either or both of the two) not applied yet to `recommender`;
-    returns the rows applied."""
-    applied = 0
-    for items, vectors in logs[ITEMS_LOG].unapplied() if ITEMS_LOG in logs else ():
-        recommender.upsert_items(items, vectors)
-        applied += items.num_rows
-    for texts, vectors in logs[TEXTS_LOG].unapplied() if TEXTS_LOG in logs else ():
-        recommender.text_vectors.update(zip(texts.column("text_hash").to_pylist(), vectors))
-        applied += texts.num_rows
-    return applied
 
 
 class ShardActor:
@@ -111,6 +125,7 @@ class ShardActor:
         store = ShardStore(layout_root(self.cfg.state_dir, self.cfg.num_shards), shard)
         self.shard = ProfileShard(shard, recommender, store, snapshot_every=self.cfg.snapshot_every, board=self.board,
                                   tombstone_ttl_s=self.cfg.tombstone_ttl_s)
+        watch_index(recommender, self.cfg.retrieval.reload_s)
         self.metrics = ShardMetrics(shard)
         self.name = name
         self.reads: Optional[asyncio.Future] = None  # the read socket's server, from the first read_address
@@ -149,7 +164,7 @@ class ShardActor:
         return self._sync_learned()
 
     def _sync_learned(self) -> int:
-        applied = apply_learned(self.shard.recommender, self.learned)
+        applied = self.shard.recommender.apply_learned(self.learned)
         if self.board is not None:  # before any state naming the new items' rows is put on it
             self.board.set_fingerprint(self.learned[ITEMS_LOG].fingerprint)
         return applied
