@@ -1,6 +1,8 @@
 """The batch jobs stream the log in chunks of whole users: the same results as the whole log at once."""
 
 import dataclasses
+import logging
+import time
 
 import numpy as np
 import profilerec.data.datasets as datasets
@@ -23,6 +25,7 @@ from profilerec.model.ranking import case_ranks, popularity_ranks, ranking_metri
 from profilerec.model.recommend import load_recommender
 from profilerec.model.replay import hidden_event_ids, iter_cases, user_sequences
 from profilerec.model.retrieval import configured_retrieval
+from profilerec.service.shard_actors import watch_index
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +178,40 @@ def test_a_rebuilt_index_holding_the_items_learned_while_serving_is_swapped_in(p
     assert behind.load_rebuilt_index()
     behind.recommend(states[0], k=10)
     assert behind.retrieval.build["build_id"] == manifest["build_id"] and behind.retrieval.fresh == {n + 2}
+
+
+def test_a_serving_process_watches_its_index_folder_and_swaps_a_new_build_in(prepared, caplog):
+    tmp, data = prepared
+    folders = dict(input=str(tmp / "prepared"), embeddings=str(tmp / "embeddings"), model=str(tmp / "no-model"))
+    index = str(tmp / "watched-index")
+    run_index(IndexConfig(**folders, output=index, threads=1))
+    serving = load_recommender(data.items, str(tmp / "embeddings"))
+    serving.use_retrieval(RetrievalConfig(mode="two_stage", index=index))
+    first = serving.retrieval.build["build_id"]
+    sequences = user_sequences(data.events)
+    user, events = next(iter(sequences.items()))
+    state = build_profile(user, events, serving.vector_of, serving.params, serving.index.meta)
+    stop = watch_index(serving, 0.05)
+    try:
+        rebuilt = run_index(IndexConfig(**folders, output=index, threads=1))
+        deadline = time.monotonic() + 30
+        while serving.retrieval.build["build_id"] == first and time.monotonic() < deadline:
+            time.sleep(0.05)
+            serving.recommend(state, k=5)  # the swap happens on the recommending thread
+        assert serving.retrieval.build["build_id"] == rebuilt["build_id"] != first
+
+        # a build the process cannot use (here: over other item vectors) leaves the index in use, said once
+        other = load_recommender(data.items, str(tmp / "embeddings"))
+        other.index.vectors = other.index.vectors[:, ::-1].copy()
+        storage.write_table(pa.table({"item_id": other.index.item_ids, "vector": vectors_to_arrow(other.index.vectors)}),
+                            str(tmp / "other-embeddings" / "items" / "part-0.parquet"))
+        with caplog.at_level(logging.WARNING, logger="profilerec.service.shard_actors"):
+            refused = run_index(IndexConfig(**{**folders, "embeddings": str(tmp / "other-embeddings")}, output=index,
+                                            threads=1))
+            time.sleep(1)
+        serving.recommend(state, k=5)
+        assert serving.retrieval.build["build_id"] == rebuilt["build_id"] != refused["build_id"]
+        warnings = [r.getMessage() for r in caplog.records if "keeping the index in use" in r.getMessage()]
+        assert len(warnings) == 1 and "other item vectors" in warnings[0]
+    finally:
+        stop.set()

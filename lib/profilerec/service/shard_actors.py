@@ -72,18 +72,19 @@ def load_serving_recommender(cfg: ServeConfig, learned: Optional[dict[str, Vecto
     return recommender
 
 
-def watch_index(recommender: Recommender, every_s: float) -> None:
+def watch_index(recommender: Recommender, every_s: float) -> threading.Event:
     """Every `every_s` seconds (0: never), look for a rebuilt index at the recommender's index
     folder and load it for the recommender to swap in (Recommender.load_rebuilt_index), on a
-    thread of its own: loading a million items' index takes seconds no request should wait for."""
+    thread of its own: loading a million items' index takes seconds no request should wait for.
+    Returns the event that stops the watching when set."""
+    stop = threading.Event()
     retrieval = recommender.retrieval
     if every_s <= 0 or retrieval is None or not retrieval.source:
-        return
+        return stop
 
     def watch() -> None:
         refused = ""
-        while True:
-            time.sleep(every_s)
+        while not stop.wait(every_s):
             try:
                 recommender.load_rebuilt_index()
             except Exception as error:  # noqa: BLE001 - a thread of its own: say why, keep the index in use
@@ -92,6 +93,7 @@ def watch_index(recommender: Recommender, every_s: float) -> None:
                     refused = str(error)
 
     threading.Thread(target=watch, name="index-watch", daemon=True).start()
+    return stop
 
 
 def serving_logs(cfg: ServeConfig) -> dict[str, VectorLog]:
