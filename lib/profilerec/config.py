@@ -190,6 +190,9 @@ class TrainConfig:
     batch_size: int = setting(128, "training cases per step (per worker)")
     learning_rate: float = setting(3e-3, "AdamW learning rate")
     weight_decay: float = setting(0.0, "AdamW weight decay")
+    projection_lr: float = setting(
+        1.0, "the item projection's learning rate as a multiple of learning_rate (the other weights train at "
+             "learning_rate)")
     loss: str = setting(
         "auto", "full: softmax over every item; sampled: the targets of the batch plus sampled negatives, "
                 "logQ-corrected; auto: sampled from `sampled_from` items on")
