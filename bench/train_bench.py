@@ -219,7 +219,7 @@ def plain_scorer(cfg) -> dict[str, Any]:
     after the first."""
     from profilerec.model.encoder import pick_device
     from profilerec.model.scorer import ProfileScorer
-    from profilerec.training.scorer import case_tensors, train_epoch, training_loss, training_setup
+    from profilerec.training.scorer import case_tensors, scorer_optimizer, train_epoch, training_loss, training_setup
 
     device = pick_device()
     setup = training_setup(cfg)
@@ -228,7 +228,7 @@ def plain_scorer(cfg) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = ProfileScorer(setup.recommender.index.vectors, priors, setup.recommender.params.window,
                           cfg.scorer).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = scorer_optimizer(model, cfg)
     rates = []
     for epoch in range(cfg.epochs):
         started = time.perf_counter()

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from profilerec.config import ScorerConfig
+from profilerec.config import ScorerConfig, TrainConfig
 from profilerec.data.schema import Event
 from profilerec.model.index import ItemIndex
 from profilerec.model.priors import grown_priors, item_priors, read_priors, write_priors
@@ -17,6 +17,7 @@ from profilerec.model.scorer import (
     save_scorer,
     scorer_batch,
 )
+from profilerec.training.scorer import scorer_optimizer
 
 ITEMS = [f"i{n}" for n in range(6)]
 
@@ -228,3 +229,13 @@ def test_numpy_inference_follows_new_weights_and_items():
     assert model.predict(batch).shape == (1, len(grown))
     with torch.no_grad():
         np.testing.assert_allclose(model.predict(batch), model(batch).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_item_projection_learns_at_its_own_rate():
+    index = _index()
+    model = ProfileScorer(index.vectors, item_priors(SEQUENCES, index), ProfileParams().window)
+    optimizer = scorer_optimizer(model, TrainConfig(learning_rate=0.01, projection_lr=0.1))
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert len(rates) == sum(1 for _ in model.parameters())  # every weight once
+    assert rates[id(model.proj.weight)] == pytest.approx(0.001)
+    assert {rate for key, rate in rates.items() if key != id(model.proj.weight)} == {0.01}

@@ -190,6 +190,9 @@ class TrainConfig:
     batch_size: int = setting(128, "training cases per step (per worker)")
     learning_rate: float = setting(3e-3, "AdamW learning rate")
     weight_decay: float = setting(0.0, "AdamW weight decay")
+    projection_lr: float = setting(
+        0.1, "the item projection's learning rate as a multiple of learning_rate (a tenth: the projection of "
+             "the text moves slowly while the scalar and graph weights learn; better on valid, docs/results)")
     loss: str = setting(
         "auto", "full: softmax over every item; sampled: the targets of the batch plus sampled negatives, "
                 "logQ-corrected; auto: sampled from `sampled_from` items on")

@@ -177,6 +177,15 @@ def train_epoch(model: ProfileScorer, optimizer: torch.optim.Optimizer, data: Ca
     return float(np.mean(losses)) if losses else float("nan")
 
 
+def scorer_optimizer(model: ProfileScorer, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the scorer's weights, the item projection at `cfg.projection_lr` times the
+    learning rate (its own parameter group; the rest share the plain rate)."""
+    projection = [model.proj.weight]
+    rest = [p for p in model.parameters() if p is not model.proj.weight]
+    return torch.optim.AdamW([{"params": rest}, {"params": projection, "lr": cfg.learning_rate * cfg.projection_lr}],
+                             lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
 @torch.no_grad()
 def model_ranks(model: ProfileScorer, data: CaseTensors, batch_size: int = 512, device: Any = "cpu") -> np.ndarray:
     """0-based rank of each case's target under `model` (full ranking)."""
@@ -272,7 +281,7 @@ def train_loop(config: dict[str, Any]) -> None:
             raise DataError(f"no training cases in splits {splits} of {cfg.input}")
         torch.manual_seed(cfg.seed)
         model = ProfileScorer(index.vectors, priors, setup.recommender.params.window, cfg.scorer).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = scorer_optimizer(model, cfg)
         if number == progress["phase"] and progress["model"] is not None:
             model.load_state_dict(progress["model"])
             optimizer.load_state_dict(progress["optimizer"])
