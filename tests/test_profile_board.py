@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pyarrow as pa
-from profilerec.data.node_files import remove_unused
 from profilerec.data.learned import VectorLog
+from profilerec.data.node_files import remove_unused
 from profilerec.service.profile_board import BoardReader, BoardWriter, user_key
 from profilerec.service.shard import ProfileShard, max_state_bytes, recommendation, state_codec
 from profilerec.service.shard_store import ShardStore

@@ -19,8 +19,8 @@ from profilerec.config import RetrievalConfig
 from profilerec.data import storage
 from profilerec.data.learned import ITEMS_LOG, TEXTS_LOG, VectorLog
 from profilerec.data.schema import Event
-from profilerec.model.encoder import text_hash
 from profilerec.model.ann import read_manifest
+from profilerec.model.encoder import text_hash
 from profilerec.model.index import ItemIndex, best_rows, shared_index
 from profilerec.model.priors import ItemPriors, empty_priors, grown_priors
 from profilerec.model.profile import ProfileParams, ProfileState, event_embedding, interest_vectors, zero_shot_query

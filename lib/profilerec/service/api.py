@@ -25,6 +25,7 @@ from fastapi import FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse
 from profilerec.config import ServeConfig, from_dict, load_config, to_dict
 from profilerec.data import storage
+from profilerec.data.learned import ITEMS_LOG, TEXTS_LOG
 from profilerec.data.schema import (
     EVENT_TYPES,
     ITEMS_SCHEMA,
@@ -39,7 +40,6 @@ from profilerec.errors import ShardRetired, StorageUnavailable, ValidationError
 from profilerec.model.encoder import TextEncoder, pick_device, runnable_precision, text_hash
 from profilerec.model.retrieval import check_retrieval
 from profilerec.service.auth import api_token, check_bearer
-from profilerec.data.learned import ITEMS_LOG, TEXTS_LOG
 from profilerec.service.pseudonym import pseudonym
 from profilerec.service.reads import ShardReads
 from profilerec.service.shard import DEDUP_WINDOW, shard_of

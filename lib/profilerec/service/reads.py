@@ -14,8 +14,8 @@ from typing import Any, Callable, Optional
 
 import ray
 from profilerec.config import ServeConfig
-from profilerec.model.recommend import Recommender
 from profilerec.data.learned import VectorLog
+from profilerec.model.recommend import Recommender
 from profilerec.service.profile_board import BoardReader
 from profilerec.service.read_channel import ChannelClosed, ReadClient
 from profilerec.service.shard import recommendation, shard_of, state_codec

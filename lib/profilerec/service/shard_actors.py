@@ -33,12 +33,12 @@ import ray
 from profilerec.config import ServeConfig, from_dict, to_dict
 from profilerec.data import node_files, storage
 from profilerec.data.datasets import read_catalog
+from profilerec.data.learned import ITEMS_LOG, TEXTS_LOG, VectorLog
 from profilerec.data.schema import Event
 from profilerec.errors import ValidationError
 from profilerec.model.encoder import text_hash
 from profilerec.model.priors import read_priors
 from profilerec.model.recommend import Recommender, load_profile_params, load_recommender
-from profilerec.data.learned import ITEMS_LOG, TEXTS_LOG, VectorLog
 from profilerec.service.profile_board import BoardWriter
 from profilerec.service.read_channel import serve_reads, socket_path
 from profilerec.service.shard import ProfileShard, layout_root, layouts, max_state_bytes, repartition
