@@ -260,3 +260,23 @@ def test_the_loss_follows_the_setting_and_the_catalogs_size():
         check_train(TrainConfig(loss="sampeld"), "train.", inputs=False)
     with pytest.raises(ConfigError, match="setting negatives"):
         check_train(TrainConfig(negatives=0), inputs=False)
+
+
+def test_evaluation_on_a_large_catalog_ranks_fewer_cases_at_a_time_with_the_same_ranks(monkeypatch):
+    import profilerec.training.scorer as training
+
+    index = _catalog(5_000, 50)
+    params = ProfileParams()
+    rng = np.random.default_rng(1)
+    sequences = {f"u{u}": _events(f"u{u}", rng.integers(0, 500, 12)) for u in range(40)}
+    cfg = ScorerConfig()
+    model = ProfileScorer(index.vectors, item_priors(sequences, index), params.window, cfg)
+    batch = scorer_batch([_state(index, events[:11], params) for events in sequences.values()], index.row, params, cfg,
+                         index.dim)
+    data = CaseTensors(batch, torch.tensor([index.row(events[11].item_id) for events in sequences.values()]))
+    whole = training.model_ranks(model, data)
+    sizes = []
+    model.register_forward_hook(lambda module, inputs, output: sizes.append(output.shape[0]))
+    monkeypatch.setattr(training, "EVAL_SCORES", 3 * 5_000)  # three cases' scores per batch
+    np.testing.assert_array_equal(training.model_ranks(model, data), whole)
+    assert max(sizes) == 3 and sum(sizes) == len(data)

@@ -186,10 +186,17 @@ def scorer_optimizer(model: ProfileScorer, cfg: TrainConfig) -> torch.optim.Adam
                              lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
+# scores one evaluation batch holds at most (cases x items): at a million items a batch of 512
+# cases would hold 2 GB of scores, several times over inside the forward pass
+EVAL_SCORES = 1 << 25
+
+
 @torch.no_grad()
 def model_ranks(model: ProfileScorer, data: CaseTensors, batch_size: int = 512, device: Any = "cpu") -> np.ndarray:
-    """0-based rank of each case's target under `model` (full ranking)."""
+    """0-based rank of each case's target under `model` (full ranking), `batch_size` cases at a
+    time, fewer on a catalog so large that their scores would pass EVAL_SCORES."""
     model.eval()
+    batch_size = max(1, min(batch_size, EVAL_SCORES // max(len(model.item_vectors), 1)))
     ranks = []
     for start in range(0, len(data), batch_size):
         batch, targets = data.take(torch.arange(start, min(start + batch_size, len(data))))
