@@ -220,18 +220,24 @@ def test_sampled_training_ranks_about_as_well_as_the_full_softmax(one_thread):
     assert sampled > full - 0.03
 
 
-def _projected_rows(n_items: int, loss: str) -> int:
-    """Item rows a training step projects, over a catalog of `n_items` whose first 500 items are
-    the ones the batch touches."""
+def _scorer_and_cases(n_items: int, users: int, seed: int) -> tuple[ProfileScorer, CaseTensors]:
+    """An untrained scorer over a catalog of `n_items` and one case per user (the 12th event after
+    the first 11), every event among the first 500 items."""
     index = _catalog(n_items, 50)
     params = ProfileParams()
-    rng = np.random.default_rng(0)
-    sequences = {f"u{u}": _events(f"u{u}", rng.integers(0, 500, 12)) for u in range(64)}
+    rng = np.random.default_rng(seed)
+    sequences = {f"u{u}": _events(f"u{u}", rng.integers(0, 500, 12)) for u in range(users)}
     cfg = ScorerConfig()
     model = ProfileScorer(index.vectors, item_priors(sequences, index), params.window, cfg)
     batch = scorer_batch([_state(index, events[:11], params) for events in sequences.values()], index.row, params, cfg,
                          index.dim)
-    data = CaseTensors(batch, torch.tensor([index.row(events[11].item_id) for events in sequences.values()]))
+    return model, CaseTensors(batch, torch.tensor([index.row(events[11].item_id) for events in sequences.values()]))
+
+
+def _projected_rows(n_items: int, loss: str) -> int:
+    """Item rows a training step projects, over a catalog of `n_items` whose first 500 items are
+    the ones the batch touches."""
+    model, data = _scorer_and_cases(n_items, users=64, seed=0)
     counted = []
     model.proj.register_forward_hook(lambda module, inputs, output: counted.append(inputs[0].shape[:-1].numel()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -265,15 +271,7 @@ def test_the_loss_follows_the_setting_and_the_catalogs_size():
 def test_evaluation_on_a_large_catalog_ranks_fewer_cases_at_a_time_with_the_same_ranks(monkeypatch):
     import profilerec.training.scorer as training
 
-    index = _catalog(5_000, 50)
-    params = ProfileParams()
-    rng = np.random.default_rng(1)
-    sequences = {f"u{u}": _events(f"u{u}", rng.integers(0, 500, 12)) for u in range(40)}
-    cfg = ScorerConfig()
-    model = ProfileScorer(index.vectors, item_priors(sequences, index), params.window, cfg)
-    batch = scorer_batch([_state(index, events[:11], params) for events in sequences.values()], index.row, params, cfg,
-                         index.dim)
-    data = CaseTensors(batch, torch.tensor([index.row(events[11].item_id) for events in sequences.values()]))
+    model, data = _scorer_and_cases(5_000, users=40, seed=1)
     whole = training.model_ranks(model, data)
     sizes = []
     model.register_forward_hook(lambda module, inputs, output: sizes.append(output.shape[0]))
