@@ -273,8 +273,10 @@ def test_evaluation_on_a_large_catalog_ranks_fewer_cases_at_a_time_with_the_same
 
     model, data = _scorer_and_cases(5_000, users=40, seed=1)
     whole = training.model_ranks(model, data)
-    sizes = []
+    sizes, projected = [], []
     model.register_forward_hook(lambda module, inputs, output: sizes.append(output.shape[0]))
+    model.proj.register_forward_hook(lambda module, inputs, output: projected.append(inputs[0].shape[0]))
     monkeypatch.setattr(training, "EVAL_SCORES", 3 * 5_000)  # three cases' scores per batch
     np.testing.assert_array_equal(training.model_ranks(model, data), whole)
     assert max(sizes) == 3 and sum(sizes) == len(data)
+    assert projected.count(5_000) == 1  # the catalog projected once for the whole pass, not per batch

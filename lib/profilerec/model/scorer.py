@@ -251,17 +251,19 @@ class ProfileScorer(nn.Module):
         return F.normalize(self.drop(user), dim=-1)
 
     def forward(self, batch: ScorerBatch, targets: Optional[torch.Tensor] = None,
-                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+                rows: Optional[torch.Tensor] = None, columns: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, items] logits, or [B, len(rows)] with `rows` (distinct item rows shared by the batch):
         the same logits as `forward(batch, targets)[:, rows]`, at a cost that grows with the batch,
-        its window and the rows, not with the catalog (only those items are projected).
+        its window and the rows, not with the catalog (only those items are projected). Without
+        `rows`, `columns` may hold item_matrix() already made (an evaluation over many batches
+        with the same weights projects the catalog once).
 
         In training, pass the `targets` whose own events are counted in the priors: their counts
         are taken out again (leave-one-out), or the model would learn to trust priors that already
         contain the answer."""
         window_rows = batch.items.clamp(min=0)
         if rows is None:
-            columns = self.item_matrix()
+            columns = self.item_matrix() if columns is None else columns
             window = columns[window_rows]
             popularity = self.popularity
         else:

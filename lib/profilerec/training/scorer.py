@@ -197,10 +197,11 @@ def model_ranks(model: ProfileScorer, data: CaseTensors, batch_size: int = 512, 
     time, fewer on a catalog so large that their scores would pass EVAL_SCORES."""
     model.eval()
     batch_size = max(1, min(batch_size, EVAL_SCORES // max(len(model.item_vectors), 1)))
+    columns = model.item_matrix()  # once: the weights do not change during the pass
     ranks = []
     for start in range(0, len(data), batch_size):
         batch, targets = data.take(torch.arange(start, min(start + batch_size, len(data))))
-        scores = model(batch.to(device)).float().cpu().numpy()
+        scores = model(batch.to(device), columns=columns).float().cpu().numpy()
         ranks.append(target_ranks(scores, targets.numpy()))
     return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
 
