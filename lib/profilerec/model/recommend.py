@@ -261,7 +261,8 @@ class Recommender:
         if manifest["build_id"] == current.build.get("build_id"):
             return False
         seen = len(self.changes)
-        rebuilt = index_retrieval(current, self.index.item_ids, self.item_matrix(), self.changes[:seen], manifest)
+        rebuilt = index_retrieval(current.source, current.nearest, current.popular, self.index.item_ids,
+                                  self.item_matrix(), self.changes[:seen], manifest)
         if rebuilt is not None:
             self._rebuilt = (rebuilt, seen)
         return rebuilt is not None

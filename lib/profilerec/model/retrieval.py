@@ -23,7 +23,6 @@ differs from the full ranking only where the nearest-neighbour search misses.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Protocol, Sequence
 
@@ -176,8 +175,7 @@ def configured_retrieval(cfg: RetrievalConfig, item_ids: list[str], matrix: np.n
     if not index_exists(cfg.index):
         raise ConfigError(f"setting retrieval.index: no index at {cfg.index}, and two-stage retrieval of "
                           f"{len(item_ids)} items needs one: run `profilerec index` (or set retrieval.mode exact)")
-    template = Retrieval(ExactNearest(matrix[:0]), cfg.nearest, cfg.popular, source=cfg.index)
-    retrieval = index_retrieval(template, item_ids, matrix, changes)
+    retrieval = index_retrieval(cfg.index, cfg.nearest, cfg.popular, item_ids, matrix, changes)
     if retrieval is None:
         raise ConfigError(f"setting retrieval.index: the index at {cfg.index} holds items learned while serving "
                           f"that this process has not found in the service's items log: run `profilerec index` "
@@ -185,20 +183,20 @@ def configured_retrieval(cfg: RetrievalConfig, item_ids: list[str], matrix: np.n
     return retrieval
 
 
-def index_retrieval(like: Retrieval, item_ids: list[str], matrix: np.ndarray, changes: ItemChanges,
-                    manifest: Optional[dict[str, Any]] = None) -> Optional[Retrieval]:
-    """A Retrieval like `like` over the index at its source (the build of `manifest`, else the
-    one there now) for a catalog (`item_ids`, `matrix`) after `changes`: the rows the build does
-    not hold are searched exactly. None when the build holds items learned while serving that
-    `changes` have not reached yet."""
-    manifest = manifest or read_manifest(like.source)
+def index_retrieval(source: str, nearest: int, popular: int, item_ids: list[str], matrix: np.ndarray,
+                    changes: ItemChanges, manifest: Optional[dict[str, Any]] = None) -> Optional[Retrieval]:
+    """A Retrieval of `nearest` and `popular` candidates over the index at `source` (the build of
+    `manifest`, else the one there now) for a catalog (`item_ids`, `matrix`) after `changes`: the
+    rows the build does not hold are searched exactly. None when the build holds items learned
+    while serving that `changes` have not reached yet."""
+    manifest = manifest or read_manifest(source)
     unheld = unheld_changes(changes, manifest.get("learned", 0))
     if unheld is None or manifest["items"] > len(item_ids):
         return None
     changed = np.concatenate([rows for _, rows in unheld] + [np.zeros(0, dtype=np.int64)])
-    index = read_index(like.source, item_ids, matrix, manifest, changed=changed)
+    index = read_index(source, item_ids, matrix, manifest, changed=changed)
     fresh = set(range(index.size, len(item_ids))).union(changed.tolist())
-    return dataclasses.replace(like, index=index, fresh=fresh, build=manifest)
+    return Retrieval(index, nearest, popular, fresh=fresh, source=source, build=manifest)
 
 
 def unheld_changes(changes: ItemChanges, learned: int) -> Optional[ItemChanges]:
