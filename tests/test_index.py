@@ -5,8 +5,9 @@ import pyarrow as pa
 import pytest
 from profilerec.data.schema import ITEMS_SCHEMA
 from profilerec.data.vectors import vectors_to_arrow
+from profilerec.data import storage
 from profilerec.errors import DataError
-from profilerec.model.index import ItemIndex, index_from_tables
+from profilerec.model.index import ItemIndex, fill_catalog_vectors, index_from_tables
 
 
 def make_index():
@@ -52,6 +53,23 @@ def test_index_from_tables_orders_vectors_by_the_catalog_and_names_items_without
     np.testing.assert_array_equal(index.vectors, vectors[[2, 0, 1]])
     with pytest.raises(DataError, match=r"1 items have no embedding \(e.g. \['c'\]\)"):
         index_from_tables(items, embeddings.slice(0, 2))
+
+
+def test_catalog_vectors_are_read_a_row_group_at_a_time_into_the_catalogs_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "ROW_GROUP_ROWS", 3)
+    ids = [f"i{n}" for n in range(10)]
+    vectors = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
+    order = np.random.default_rng(1).permutation(12)  # the embeddings in another order, two of them unknown
+    keys = ids + ["x", "y"]
+    path = str(tmp_path / "items.parquet")
+    storage.write_table(pa.table({"item_id": [keys[i] for i in order], "vector": vectors_to_arrow(vectors[order])}), path)
+    chunks = list(storage.iter_tables(path, 3, ["item_id", "vector"]))
+    assert [c.num_rows for c in chunks] == [3, 3, 3, 3]
+    out = np.zeros((10, 4), dtype=np.float32)
+    fill_catalog_vectors(pa.chunked_array([ids[:4], ids[4:]]), iter(chunks), out)
+    np.testing.assert_array_equal(out, vectors[:10])
+    with pytest.raises(DataError, match=r"1 items have no embedding \(e.g. \['new'\]\)"):
+        fill_catalog_vectors(pa.chunked_array([ids + ["new"]]), iter(chunks), np.zeros((11, 4), dtype=np.float32))
 
 
 def test_filters_follow_upserts_without_rebuilding_from_the_base_columns():

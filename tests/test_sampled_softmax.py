@@ -12,6 +12,7 @@ from profilerec.errors import ConfigError
 from profilerec.model.index import ItemIndex
 from profilerec.model.priors import item_priors
 from profilerec.model.profile import ProfileParams, ProfileState, apply_event
+from profilerec.model.ranking import target_ranks
 from profilerec.model.scorer import ProfileScorer, full_softmax_loss, sampled_softmax_loss, scorer_batch
 from profilerec.training.scorer import CaseTensors, NegativeSampler, model_metrics, train_epoch, training_loss
 
@@ -268,15 +269,21 @@ def test_the_loss_follows_the_setting_and_the_catalogs_size():
         check_train(TrainConfig(negatives=0), inputs=False)
 
 
-def test_evaluation_on_a_large_catalog_ranks_fewer_cases_at_a_time_with_the_same_ranks(monkeypatch):
+def test_evaluation_ranks_the_catalog_a_part_at_a_time_with_the_ranks_of_whole_scoring(monkeypatch):
     import profilerec.training.scorer as training
 
     model, data = _scorer_and_cases(5_000, users=40, seed=1)
-    whole = training.model_ranks(model, data)
+    model.eval()
+    with torch.no_grad():
+        batch, targets = data.take(torch.arange(len(data)))
+        whole = target_ranks(model(batch).numpy(), targets.numpy())
+    assert len(set(whole.tolist())) > 10  # the cases rank their targets all over the list
     sizes, projected = [], []
-    model.register_forward_hook(lambda module, inputs, output: sizes.append(output.shape[0]))
+    model.register_forward_hook(lambda module, inputs, output: sizes.append(output.shape))
     model.proj.register_forward_hook(lambda module, inputs, output: projected.append(inputs[0].shape[0]))
-    monkeypatch.setattr(training, "EVAL_SCORES", 3 * 5_000)  # three cases' scores per batch
+    monkeypatch.setattr(training, "EVAL_ITEMS", 700)  # 8 parts, the last one shorter
+    monkeypatch.setattr(training, "EVAL_SCORES", 3 * 700)  # three cases per batch
     np.testing.assert_array_equal(training.model_ranks(model, data), whole)
-    assert max(sizes) == 3 and sum(sizes) == len(data)
-    assert projected.count(5_000) == 1  # the catalog projected once for the whole pass, not per batch
+    assert max(cases for cases, _ in sizes) == 3 and sum(cases for cases, _ in sizes) == 8 * len(data)
+    assert max(columns for _, columns in sizes) <= 700 + 3  # a part, and the targets from other parts
+    assert projected.count(700) == 7 and 5_000 not in projected  # each part projected once for every batch

@@ -204,6 +204,17 @@ def read_table(location: str, columns: Optional[list[str]] = None) -> pa.Table:
         raise DataError(f"cannot read Parquet at {location}: {e}") from None
 
 
+def read_schema(location: str) -> pa.Schema:
+    """The schema of a Parquet file (or folder of files), read from the footer alone."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise DataError(f"Parquet input not found: {location}")
+    try:
+        return ds.dataset(path, filesystem=fs, format="parquet").schema
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"cannot read Parquet at {location}: {e}") from None
+
+
 def iter_tables(location: str, rows: int, columns: Optional[list[str]] = None) -> Iterator[pa.Table]:
     """A Parquet file (or folder of files) as consecutive tables of about `rows` rows, read as
     they are consumed: memory stays at one chunk however large the file is."""
@@ -212,7 +223,9 @@ def iter_tables(location: str, rows: int, columns: Optional[list[str]] = None) -
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise DataError(f"Parquet input not found: {location}")
     try:
-        dataset = ds.dataset(path, filesystem=fs, format="parquet")
+        # without pre-buffering: it reads ahead row groups until much of the file is in memory
+        parquet = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False))
+        dataset = ds.dataset(path, filesystem=fs, format=parquet)
         for batch in dataset.to_batches(columns=columns, batch_size=rows, batch_readahead=1, fragment_readahead=1):
             if batch.num_rows:
                 yield pa.Table.from_batches([batch])
@@ -242,10 +255,15 @@ def table_writer(location: str, schema: pa.Schema) -> Iterator[Any]:
         os.replace(target, path)
 
 
+# rows per Parquet row group: a reader streaming the file (iter_tables) holds one group at a time
+ROW_GROUP_ROWS = 1 << 16
+
+
 def write_table(table: pa.Table, location: str, durable: bool = False) -> None:
-    """Write `table` as one Parquet file at `location` (replacing it whole; see write_bytes)."""
+    """Write `table` as one Parquet file at `location` (replacing it whole; see write_bytes), in
+    row groups of ROW_GROUP_ROWS."""
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, row_group_size=ROW_GROUP_ROWS)
     write_bytes(buf.getvalue(), location, durable)
 
 

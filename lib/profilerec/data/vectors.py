@@ -3,7 +3,7 @@ and reading the (key, vector) tables of an embeddings folder (written by batch/e
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -44,3 +44,13 @@ def read_embeddings(location: str, name: str = "items") -> pa.Table:
             return pa.table({"text_hash": pa.array([], pa.string()), "vector": pa.array([], pa.list_(pa.float32(), 1))})
         raise DataError(f"no {name} embeddings at {path}: run jobs/encode.py first")
     return storage.read_table(path)
+
+
+def item_embedding_chunks(location: str, rows: int) -> tuple[int, Iterator[pa.Table]]:
+    """(vector size, the (item_id, vector) tables of `rows` rows each, read as they are consumed)
+    of an embeddings folder's item vectors; DataError when it has none."""
+    path = storage.join(location, "items")
+    if not storage.exists(path):
+        raise DataError(f"no items embeddings at {path}: run jobs/encode.py first")
+    dim = storage.read_schema(path).field("vector").type.list_size
+    return dim, storage.iter_tables(path, rows, ["item_id", "vector"])

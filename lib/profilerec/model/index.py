@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from profilerec.data import storage
-from profilerec.data.vectors import read_embeddings, vectors_from_arrow
+from profilerec.data.vectors import item_embedding_chunks, vectors_from_arrow
 from profilerec.errors import DataError
 from profilerec.model.item_meta import ItemMeta, meta_table
 from profilerec.model.shared_rows import set_rows, shared_rows, shared_table, table_digest
@@ -137,26 +137,44 @@ def best_rows(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray,
 def index_from_tables(items: pa.Table, embeddings: pa.Table) -> ItemIndex:
     """An index over every item of `items`, with its vector from `embeddings` (item_id, vector).
     Vectorised with Arrow: a million items take no Python object per vector."""
-    at = pc.index_in(items.column("item_id"), value_set=embeddings.column("item_id").combine_chunks())
-    missing = pc.is_null(at)
-    if pc.any(missing).as_py():
-        examples = items.column("item_id").filter(missing).slice(0, 3).to_pylist()
-        raise DataError(f"{pc.sum(missing).as_py()} items have no embedding (e.g. {examples}): run jobs/encode.py "
-                        f"on these items")
-    vectors = vectors_from_arrow(embeddings.column("vector"))[at.to_numpy(zero_copy_only=False)]
+    vectors = np.empty((items.num_rows, embeddings.column("vector").type.list_size), dtype=np.float32)
+    fill_catalog_vectors(items.column("item_id"), [embeddings], vectors)
     return ItemIndex(items.column("item_id").to_pylist(), vectors, items.column("brand").to_pylist(),
                      items.column("categories").to_pylist(), items.column("title").to_pylist())
+
+
+def fill_catalog_vectors(item_ids: pa.ChunkedArray, embeddings: Iterable[pa.Table], out: np.ndarray) -> None:
+    """Write into `out` [items, D] the vector of each of `item_ids`, in their order, from the
+    (item_id, vector) tables `embeddings` (one table, or a file's chunks read as they come: at a
+    million items only `out` and one chunk are in memory). DataError naming items without one."""
+    catalog = item_ids.combine_chunks() if isinstance(item_ids, pa.ChunkedArray) else item_ids
+    found = np.zeros(len(out), dtype=bool)
+    for table in embeddings:
+        at = pc.fill_null(pc.index_in(table.column("item_id"), value_set=catalog), -1).to_numpy(zero_copy_only=False)
+        known = at >= 0
+        out[at[known]] = vectors_from_arrow(table.column("vector"))[known]
+        found[at[known]] = True
+    if not found.all():
+        missing = np.flatnonzero(~found)
+        examples = catalog.take(pa.array(missing[:3])).to_pylist()
+        raise DataError(f"{len(missing)} items have no embedding (e.g. {examples}): run jobs/encode.py "
+                        f"on these items")
+
+
+EMBEDDING_CHUNK_ROWS = 1 << 16  # item vectors read at a time when a node's shared copy is made
 
 
 def shared_index(items: pa.Table, embeddings: str) -> ItemIndex:
     """index_from_tables over the embeddings folder's item vectors, with the vectors and the item
     metadata held in this node's shared maps (shared_rows.py): the processes of a node that load
-    the same catalog and embeddings hold them once, and the first of them reads the embeddings."""
+    the same catalog and embeddings hold them once, and the first of them reads the embeddings
+    into the map a chunk at a time."""
     ids = items.column("item_id").to_pylist()
     digest = hashlib.blake2b("\n".join(ids).encode("utf-8"), digest_size=12)
     digest.update(storage.fingerprint(storage.join(embeddings, "items")).encode())
     key = f"items-{digest.hexdigest()}"
-    store = shared_rows(key, lambda: index_from_tables(items, read_embeddings(embeddings, "items")).vectors)
+    dim, chunks = item_embedding_chunks(embeddings, EMBEDDING_CHUNK_ROWS)
+    store = shared_rows(key, items.num_rows, dim, lambda out: fill_catalog_vectors(items.column("item_id"), chunks, out))
     meta = meta_table(items.column("brand"), items.column("categories"), items.column("title"))
     meta = shared_table(f"meta-{table_digest(meta)}", lambda: meta)
     index = ItemIndex(ids, store, meta.column("brand"), meta.column("categories"), meta.column("title"))

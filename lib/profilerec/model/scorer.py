@@ -43,6 +43,7 @@ from torch import nn
 
 # features the attention reads per window slot besides the item vector: time gap, event weight
 SLOT_FEATURES = 2
+PROJECTED_ROWS = 1 << 15  # items projected at a time by projected_items
 
 
 @dataclass
@@ -174,13 +175,16 @@ class ProfileScorer(nn.Module):
         node when `shared_key` is set (the same weights over the same vectors), kept until the
         weights change, and updated row by row when items change (set_items)."""
         if self._items is None:
-            def projected() -> np.ndarray:
-                with torch.no_grad():
-                    return self.item_matrix().float().cpu().numpy()
+            def fill(out: np.ndarray) -> None:
+                self.projected_items(torch.from_numpy(out))
 
-            key = f"{self.shared_key}-{self._weights_digest()}" if self.shared_key else None
-            self._items = shared_rows(key, projected) if key else projected()
-            self._items_used = len(self.item_vectors)
+            n, dim = self.item_vectors.shape
+            if self.shared_key:
+                self._items = shared_rows(f"{self.shared_key}-{self._weights_digest()}", n, dim, fill)
+            else:
+                self._items = np.empty((n, dim), dtype=np.float32)
+                fill(self._items)
+            self._items_used = n
         return self._items[: self._items_used]
 
     def _weights_digest(self) -> str:
@@ -198,6 +202,19 @@ class ProfileScorer(nn.Module):
             return F.normalize(reps + self.item_ids.weight if self.item_ids is not None else reps, dim=-1)
         reps = self.proj(self.item_vectors[rows])
         return F.normalize(reps + self.item_ids(rows) if self.item_ids is not None else reps, dim=-1)
+
+    @torch.no_grad()
+    def projected_items(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """item_matrix() without gradients, projected PROJECTED_ROWS items at a time into `out`
+        (a new tensor on the model's device when not given; any device): a large catalog's
+        intermediate products are never all in memory at once."""
+        n, dim = self.item_vectors.shape
+        device = self.item_vectors.device
+        out = torch.empty((n, dim), dtype=torch.float32, device=device) if out is None else out
+        for start in range(0, n, PROJECTED_ROWS):
+            out[start:start + PROJECTED_ROWS] = self.item_matrix(torch.arange(start, min(n, start + PROJECTED_ROWS),
+                                                                              device=device))
+        return out
 
     def train(self, mode: bool = True) -> "ProfileScorer":
         self._frozen = self._items = None  # the weights are about to change (or just did)
@@ -254,9 +271,9 @@ class ProfileScorer(nn.Module):
                 rows: Optional[torch.Tensor] = None, columns: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, items] logits, or [B, len(rows)] with `rows` (distinct item rows shared by the batch):
         the same logits as `forward(batch, targets)[:, rows]`, at a cost that grows with the batch,
-        its window and the rows, not with the catalog (only those items are projected). Without
-        `rows`, `columns` may hold item_matrix() already made (an evaluation over many batches
-        with the same weights projects the catalog once).
+        its window and the rows, not with the catalog (only those items are projected).
+        `columns` may hold item_matrix(rows), or item_matrix() without `rows`, already made (an
+        evaluation over many batches with the same weights projects each item once).
 
         In training, pass the `targets` whose own events are counted in the priors: their counts
         are taken out again (leave-one-out), or the model would learn to trust priors that already
@@ -266,6 +283,9 @@ class ProfileScorer(nn.Module):
             columns = self.item_matrix() if columns is None else columns
             window = columns[window_rows]
             popularity = self.popularity
+        elif columns is not None:
+            window = self.item_matrix(window_rows.flatten()).view(*window_rows.shape, -1)
+            popularity = self.popularity[rows]
         else:
             # each needed item projected once, whether a column, a window item or both
             needed, inverse = torch.unique(torch.cat([rows, window_rows.flatten()]), return_inverse=True)
@@ -274,11 +294,11 @@ class ProfileScorer(nn.Module):
             popularity = self.popularity[rows]
         logits = self.scale.exp() * self._user_vectors(batch, window) @ columns.T
         if self.params.popularity:
-            pop = popularity[None, :].expand(len(logits), -1)
+            pop = popularity  # one row for every profile, unless the targets' own events come out
             if targets is not None:
                 at, ones = self._on_columns(rows, torch.arange(len(targets), device=pop.device), targets,
                                             torch.full_like(targets, -1.0, dtype=pop.dtype))
-                pop = pop.index_put(at, ones, accumulate=True)
+                pop = pop[None, :].expand(len(logits), -1).index_put(at, ones, accumulate=True)
             logits = logits + self.pop * torch.log1p(pop.clamp(min=0))
         b_idx, p_idx = torch.nonzero(batch.mask, as_tuple=True)
         slot_rows = batch.items[b_idx, p_idx]

@@ -31,16 +31,15 @@ def spare_rows(rows: int) -> int:
     return max(1024, rows // 16)
 
 
-def shared_rows(key: str, make: Callable[[], np.ndarray]) -> np.ndarray:
-    """This node's copy-on-write map of the matrix named `key`, made with `make` (an [rows, D]
-    float32 array) when no process of the node made it yet. Its first rows are the matrix, the
-    rest room for rows added later (set_rows); the caller knows how many rows the matrix has."""
+def shared_rows(key: str, rows: int, dim: int, fill: Callable[[np.ndarray], None]) -> np.ndarray:
+    """This node's copy-on-write map of the [rows, dim] float32 matrix named `key`, which `fill`
+    writes into the array it is given when no process of the node made it yet (straight into the
+    file: the matrix is never held in memory besides). Its first rows are the matrix, the rest
+    room for rows added later (set_rows); the caller knows how many rows the matrix has."""
 
     def write(partial: str) -> None:
-        matrix = np.asarray(make(), dtype=np.float32)
-        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
-                                        shape=(len(matrix) + spare_rows(len(matrix)), matrix.shape[1]))
-        out[:len(matrix)] = matrix
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(rows + spare_rows(rows), dim))
+        fill(out[:rows])
         out.flush()
 
     path = node_files.node_file(f"rows-{key}.npy", write)

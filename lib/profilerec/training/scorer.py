@@ -27,7 +27,7 @@ from profilerec.data.datasets import read_prepared
 from profilerec.errors import ConfigError, DataError
 from profilerec.model.priors import ItemPriors, item_priors
 from profilerec.model.profile import ProfileParams
-from profilerec.model.ranking import ranking_metrics, target_ranks
+from profilerec.model.ranking import ranking_metrics
 from profilerec.model.recommend import SCORER_DIR, Recommender, load_recommender
 from profilerec.model.replay import (
     Case,
@@ -186,24 +186,44 @@ def scorer_optimizer(model: ProfileScorer, cfg: TrainConfig) -> torch.optim.Adam
                              lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-# scores one evaluation batch holds at most (cases x items): at a million items a batch of 512
-# cases would hold 2 GB of scores, several times over inside the forward pass
-EVAL_SCORES = 1 << 25
+# items an evaluation scores at a time (all of a smaller catalog), and the scores one batch of
+# cases holds at most: memory stays bounded however large the catalog and the split
+EVAL_ITEMS = 1 << 16
+EVAL_SCORES = 1 << 23
 
 
 @torch.no_grad()
 def model_ranks(model: ProfileScorer, data: CaseTensors, batch_size: int = 512, device: Any = "cpu") -> np.ndarray:
-    """0-based rank of each case's target under `model` (full ranking), `batch_size` cases at a
-    time, fewer on a catalog so large that their scores would pass EVAL_SCORES."""
+    """0-based rank of each case's target under `model` over the whole catalog (target_ranks'
+    rule: the items scoring strictly higher; a NaN target score ranks last).
+
+    The catalog is scored EVAL_ITEMS items at a time, each part projected once for every batch of
+    `batch_size` cases (fewer when their scores would pass EVAL_SCORES); a part's scores are
+    compared with the targets' scores from the same product, where the targets are extra columns."""
     model.eval()
-    batch_size = max(1, min(batch_size, EVAL_SCORES // max(len(model.item_vectors), 1)))
-    columns = model.item_matrix()  # once: the weights do not change during the pass
-    ranks = []
-    for start in range(0, len(data), batch_size):
-        batch, targets = data.take(torch.arange(start, min(start + batch_size, len(data))))
-        scores = model(batch.to(device), columns=columns).float().cpu().numpy()
-        ranks.append(target_ranks(scores, targets.numpy()))
-    return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+    n = len(model.item_vectors)
+    part_size = max(1, min(n, EVAL_ITEMS))
+    batch_size = max(1, min(batch_size, EVAL_SCORES // max(part_size, 1)))
+    above = torch.zeros(len(data), dtype=torch.int64)
+    unscored = torch.zeros(len(data), dtype=torch.bool)
+    # a part's columns, and room after them for a batch's targets from other parts
+    columns = torch.empty((part_size + batch_size, model.item_vectors.shape[1]), device=device)
+    for start in range(0, n, part_size):
+        rows = torch.arange(start, min(n, start + part_size), device=device)
+        columns[: len(rows)] = model.item_matrix(rows)
+        for first in range(0, len(data), batch_size):
+            cases = torch.arange(first, min(first + batch_size, len(data)))
+            batch, targets = data.take(cases)
+            batch, targets = batch.to(device), targets.to(device)
+            outside = torch.unique(targets[(targets < rows[0]) | (targets > rows[-1])])
+            columns[len(rows): len(rows) + len(outside)] = model.item_matrix(outside)
+            scores = model(batch, rows=torch.cat([rows, outside]), columns=columns[: len(rows) + len(outside)])
+            inside = (targets >= rows[0]) & (targets <= rows[-1])
+            at = torch.where(inside, targets - start, len(rows) + torch.searchsorted(outside, targets))
+            target_scores = scores.gather(1, at[:, None])
+            above[cases] += (scores[:, : len(rows)] > target_scores).sum(1).cpu()
+            unscored[cases] |= torch.isnan(target_scores[:, 0]).cpu()
+    return torch.where(unscored, n, above).numpy()
 
 
 def model_metrics(model: ProfileScorer, data: CaseTensors, ks: Sequence[int] = (3, 5, 10),
@@ -240,7 +260,7 @@ class TrainingSetup:
 def training_setup(cfg: TrainConfig) -> TrainingSetup:
     """Read the prepared log and the embeddings the scorer is trained over."""
 
-    data = read_prepared(cfg.input)
+    data = read_prepared(cfg.input, descriptions=False)
     recommender = load_recommender(data.items, cfg.embeddings, ProfileParams())
     return TrainingSetup(recommender, user_sequences(data.events), data)
 

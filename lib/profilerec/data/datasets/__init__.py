@@ -110,13 +110,16 @@ def read_prepared_table(uri: str, name: str) -> pa.Table:
     return _read_table(storage.join(uri, f"{name}.parquet"), TABLES[name])
 
 
-def read_prepared(uri: str, events: bool = True) -> PreparedData:
+def read_prepared(uri: str, events: bool = True, descriptions: bool = True) -> PreparedData:
     """Read a folder written by write_prepared; DataError naming it when it is absent or incomplete.
     `events=False` leaves the (largest) events table empty, for jobs that stream it with
-    iter_user_events."""
+    iter_user_events; `descriptions=False` reads the items as read_catalog does, for jobs that
+    do not encode them."""
     manifest = prepared_manifest(uri)
-    names = [n for n in TABLES if events or n != "events"]
+    names = [n for n in TABLES if (events or n != "events") and (descriptions or n != "items")]
     tables = {name: _read_table(storage.join(uri, f"{name}.parquet"), TABLES[name]) for name in names}
+    if not descriptions:
+        tables["items"] = read_catalog(uri)
     tables.setdefault("events", EVENTS_SCHEMA.empty_table())
     bad = manifest.get("invalid", {})
     invalid = InvalidRows()
