@@ -3,9 +3,9 @@
 import numpy as np
 import pyarrow as pa
 import pytest
+from profilerec.data import storage
 from profilerec.data.schema import ITEMS_SCHEMA
 from profilerec.data.vectors import vectors_to_arrow
-from profilerec.data import storage
 from profilerec.errors import DataError
 from profilerec.model.index import ItemIndex, fill_catalog_vectors, index_from_tables
 
