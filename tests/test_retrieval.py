@@ -8,9 +8,11 @@ import pyarrow as pa
 import pytest
 import torch
 from profilerec.config import ScorerConfig
+from profilerec.data import storage
 from profilerec.data.schema import ITEMS_SCHEMA, Event
+from profilerec.errors import DataError
 from profilerec.model import recommend, row_sets
-from profilerec.model.ann import build_ivf, exact_rerank
+from profilerec.model.ann import build_ivf, exact_rerank, read_index, read_manifest, write_index
 from profilerec.model.index import ItemIndex
 from profilerec.model.priors import item_priors
 from profilerec.model.profile import ProfileParams, ProfileState, apply_event
@@ -225,3 +227,31 @@ def test_row_sets_agree_with_numpy():
         assert np.array_equal(row_sets.distinct(rows), np.unique(rows))
         assert np.array_equal(row_sets.member(rows, of), np.isin(rows, of))
         assert not row_sets.member(rows, of[:0]).any()
+
+
+def test_a_process_reads_the_build_whose_manifest_it_read_while_later_builds_are_written(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = [f"i{n}" for n in range(400)]
+
+    def unit(seed: int) -> np.ndarray:
+        vectors = np.random.default_rng(seed).normal(size=(len(ids), 16)).astype(np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def build(vectors: np.ndarray) -> dict:
+        return write_index(build_ivf(vectors, lists=4, probes=4, threads=1), str(tmp_path / "index"), ids, vectors,
+                           {"items": len(ids)})
+
+    first, other = unit(1), unit(2)
+    held = build(first)  # a serving process reads this manifest...
+    second = build(other)  # ...and a rebuild over other vectors lands before it opens the files
+    index = read_index(str(tmp_path / "index"), ids, first, held)
+    query = first[rng.integers(len(ids), size=5)]
+    np.testing.assert_array_equal(index.search(query, 10)[:, 0],
+                                  ExactNearest(first).search(query, 10)[:, 0])  # the first build's own files
+    with pytest.raises(DataError, match="other item vectors"):
+        read_index(str(tmp_path / "index"), ids, first)  # the folder's current build is the second one
+    third = build(other)
+    assert read_manifest(str(tmp_path / "index")) == third
+    builds = storage.list_folders(str(tmp_path / "index" / "builds"))
+    assert sorted(builds) == sorted([second["build_id"], third["build_id"]])  # the previous kept, older removed
+

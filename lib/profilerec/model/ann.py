@@ -41,6 +41,7 @@ INDEX_FILE = "items.faiss"
 IDS_FILE = "item_ids.parquet"
 SAMPLE_FILE = "sample.npy"  # rows of the vectors the index was built from, at sample_rows()
 MANIFEST_FILE = "manifest.json"
+BUILDS_DIR = "builds"  # one folder per build, named by its build_id (write_index)
 SAMPLE_SIZE = 1000
 TRAINING_POINTS_PER_LIST = 64  # k-means sample: enough per cluster for stable centres
 KMEANS_ROUNDS = 10
@@ -141,23 +142,29 @@ def sample_rows(n: int) -> np.ndarray:
 def write_index(index: IvfIndex, folder: str, item_ids: list[str], vectors: np.ndarray,
                 manifest: dict[str, Any]) -> dict[str, Any]:
     """The index, its rows' item ids, a sample of `vectors` and the manifest in `folder` (a path or
-    a bucket URI); returns the manifest written. The manifest goes in last, so a server never
-    opens half an index, and names the build, so a server's local copy of a bucket's index is
-    never a stale one."""
-    manifest = {**manifest, "lists": int(index.index.nlist), "probes": index.probes, "build_id": uuid.uuid4().hex}
-    local = storage.local_dir(folder) if not storage.is_uri(folder) else tempfile.mkdtemp(prefix="profilerec-index-")
+    a bucket URI); returns the manifest written.
+
+    Each build's files go in a folder of their own (`builds/<build_id>`, the manifest's `files`),
+    and the manifest, written last, names the build: a server reads the files of the build whose
+    manifest it read, never a mix of two builds, and never half a build. The previous build stays
+    (a server may have read its manifest just before) and older ones are removed."""
+    build_id = uuid.uuid4().hex
+    files = f"{BUILDS_DIR}/{build_id}"
+    manifest = {**manifest, "lists": int(index.index.nlist), "probes": index.probes, "build_id": build_id,
+                "files": files}
+    local = storage.local_dir(storage.join(folder, files)) if not storage.is_uri(folder) \
+        else tempfile.mkdtemp(prefix="profilerec-index-")
     os.makedirs(local, exist_ok=True)
-    files = {INDEX_FILE: lambda path: faiss.write_index(index.index, path),
-             IDS_FILE: lambda path: pq.write_table(pa.table({"item_id": pa.array(item_ids, pa.string())}), path),
-             SAMPLE_FILE: lambda path: _save_array(vectors[sample_rows(len(vectors))], path)}
-    for name, write in files.items():
-        temporary = os.path.join(local, f".{name}.tmp")
-        write(temporary)
-        os.replace(temporary, os.path.join(local, name))  # a server reading the old file keeps its copy
+    faiss.write_index(index.index, os.path.join(local, INDEX_FILE))
+    pq.write_table(pa.table({"item_id": pa.array(item_ids, pa.string())}), os.path.join(local, IDS_FILE))
+    _save_array(vectors[sample_rows(len(vectors))], os.path.join(local, SAMPLE_FILE))
     if storage.is_uri(folder):
-        storage.upload_dir(local, folder)
+        storage.upload_dir(local, storage.join(folder, files))
         shutil.rmtree(local)
+    previous = read_manifest(folder).get("build_id") if index_exists(folder) else None
     storage.write_json(manifest, storage.join(folder, MANIFEST_FILE))
+    for old in set(storage.list_folders(storage.join(folder, BUILDS_DIR))) - {build_id, previous}:
+        storage.delete(storage.join(folder, BUILDS_DIR, old))
     return manifest
 
 
@@ -184,7 +191,7 @@ def read_index(folder: str, item_ids: list[str], vectors: np.ndarray, manifest: 
     and its sample rows must match `vectors` but for the `changed` rows (changed since the build),
     else the model or the embeddings changed since the build."""
     manifest = manifest or read_manifest(folder)
-    local = _node_copy(folder, manifest["build_id"])
+    local = _node_copy(folder, manifest)
     built_ids = pq.read_table(os.path.join(local, IDS_FILE)).column("item_id").to_pylist()
     rebuild = f"run `profilerec index` again (output {folder})"
     if built_ids != item_ids[: len(built_ids)]:
@@ -199,15 +206,17 @@ def read_index(folder: str, item_ids: list[str], vectors: np.ndarray, manifest: 
     return IvfIndex(index, int(manifest["probes"]), vectors)
 
 
-def _node_copy(folder: str, build_id: str) -> str:
-    """A local folder with the index files: `folder` itself when local, else a copy made once per
-    node and build (data/node_files.py)."""
+def _node_copy(folder: str, manifest: dict[str, Any]) -> str:
+    """A local folder with the files of the build of `manifest`: in `folder` itself when local,
+    else a copy made once per node and build (data/node_files.py). A manifest without `files`
+    (an index written before builds had folders) has them at the top of `folder`."""
+    files = storage.join(folder, manifest["files"]) if manifest.get("files") else folder
     if not storage.is_uri(folder):
-        return storage.local_dir(folder)
+        return storage.local_dir(files)
 
     def copy(partial: str) -> None:
-        fs, path = storage.resolve(folder)
+        fs, path = storage.resolve(files)
         os.makedirs(partial)
         pafs.copy_files(path, partial, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
-    return node_files.node_file(f"index-{build_id}", copy)
+    return node_files.node_file(f"index-{manifest['build_id']}", copy)
