@@ -12,13 +12,21 @@ from profilerec.data import storage
 from profilerec.data.schema import ITEMS_SCHEMA, Event
 from profilerec.errors import DataError
 from profilerec.model import recommend, row_sets
+from profilerec.model import scorer as scorer_module
 from profilerec.model.ann import build_ivf, exact_rerank, read_index, read_manifest, write_index
 from profilerec.model.index import ItemIndex
 from profilerec.model.priors import item_priors
 from profilerec.model.profile import ProfileParams, ProfileState, apply_event
 from profilerec.model.recommend import Recommender
 from profilerec.model.retrieval import ExactNearest, Retrieval
-from profilerec.model.scorer import ProfileScorer, frozen_parts, scorer_batch
+from profilerec.model.scorer import (
+    ProfileScorer,
+    ScoreParts,
+    frozen_parts,
+    frozen_popular_scores,
+    frozen_row_scores,
+    scorer_batch,
+)
 
 N, DIM = 3000, 16
 BRANDS = ["Acme", "Bolt", "Rare"]
@@ -160,6 +168,22 @@ def test_items_the_vector_search_misses_are_candidates_too(popularity, monkeypat
         monkeypatch.setattr(recommend, "LIFTED_LIMIT", 0)
         _, unlifted = _exact_and_two_stage(recommender, states, nearest=10, popular=0, k=10)
         assert _overlap(exact, unlifted) < 0.95
+
+
+def test_the_popular_items_are_scored_from_their_block_as_candidates_are_scored(monkeypatch):
+    monkeypatch.setattr(scorer_module, "LIFTED_LIMIT", 300)  # a block of part of the catalog
+    recommender, states = _recommender(True, 4.0)
+    frozen = recommender.scorer.frozen()
+    user = recommender.score_parts([next(s for s in states if s.recent)]).user
+    rows = frozen.by_popularity[0][:300]
+    none = np.zeros(0, dtype=np.int64)
+    dense = ScoreParts(user, none, none, np.zeros(0, dtype=np.float32))  # no repeat, no transition
+    order = np.argsort(rows)
+    expected = np.empty(300, dtype=np.float32)
+    expected[order] = frozen_row_scores(frozen, dense, rows[order])[0]
+    assert frozen.popular_items.shape == (300, recommender.index.dim)
+    np.testing.assert_allclose(frozen_popular_scores(frozen, user[0], 300), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(frozen_popular_scores(frozen, user[0], 120), expected[:120], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("request_args", [{"brand": "acme"}, {"brand": "RARE"}, {"category": "c3"},

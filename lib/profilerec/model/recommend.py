@@ -27,10 +27,12 @@ from profilerec.model.profile import ProfileParams, ProfileState, event_embeddin
 from profilerec.model.retrieval import Retrieval, configured_retrieval, index_retrieval, unheld_changes
 from profilerec.model.row_sets import distinct, member
 from profilerec.model.scorer import (
+    LIFTED_LIMIT,
     SCORER_META,
     ProfileScorer,
     ScoreParts,
     frozen_parts,
+    frozen_popular_scores,
     frozen_row_scores,
     load_scorer,
     scorer_batch,
@@ -39,9 +41,6 @@ from profilerec.model.scorer import (
 from profilerec.model.text_vectors import TextVectors, empty_text_vectors, load_text_vectors
 
 SCORER_DIR = "scorer"  # inside a model folder, next to a fine-tuned `encoder`
-# items lifted by their popularity that one two-stage ranking scores at most beyond its candidates:
-# past it, the ranking may miss an item that only its popularity places (a bound on the cost)
-LIFTED_LIMIT = 10_000
 
 log = logging.getLogger(__name__)
 
@@ -176,27 +175,33 @@ class Recommender:
             for b, i in enumerate(warm):
                 rows = found.rows[b][~member(found.rows[b], excluded[i])]
                 top = best_rows(rows, self.row_scores(parts.of(b), rows)[0], k)
-                lifted = self._lifted_rows(top, k, found.reach[b], rows, excluded[i], allowed)
+                lifted, scores = self._lifted(top, k, found.reach[b], rows, excluded[i], allowed, parts.user[b])
                 if len(lifted):
-                    rows = distinct(np.concatenate([top[0], lifted]))
-                    top = best_rows(rows, self.row_scores(parts.of(b), rows)[0], k)
+                    top = best_rows(np.concatenate([top[0], lifted]), np.concatenate([top[1], scores]), k)
                 out[i] = top
         return [out[i] for i in range(len(states))]
 
-    def _lifted_rows(self, top: tuple[np.ndarray, np.ndarray], k: int, reach: float, scored: np.ndarray,
-                     excluded: np.ndarray, allowed: Optional[np.ndarray]) -> np.ndarray:
-        """The items outside the `scored` candidates that may still beat the k-th of `top`: an item
-        outside them is at most `reach` similar to the user (retrieval.Candidates), so only a
-        popularity term above the k-th score minus that similarity's term can place it. Those are
-        the first items by decreasing popularity term, LIFTED_LIMIT of them at most."""
+    def _lifted(self, top: tuple[np.ndarray, np.ndarray], k: int, reach: float, scored: np.ndarray,
+                excluded: np.ndarray, allowed: Optional[np.ndarray], user: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The items outside the `scored` candidates that may still beat the k-th of `top`, and
+        their scores: an item outside them is at most `reach` similar to the user
+        (retrieval.Candidates) and has no sparse term, so only a popularity term above the k-th
+        score minus that similarity's term can place it. Those are the first items by decreasing
+        popularity term, LIFTED_LIMIT of them at most."""
+        none = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         if self.scorer is None or len(top[0]) < k or not np.isfinite(reach):
-            return np.zeros(0, dtype=np.int64)
+            return none
         frozen = self.scorer.frozen()
         order, lowered = frozen.by_popularity
         needed = top[1][-1] - frozen.scale * reach  # a tie may place an item too
-        lifted = order[: min(int(np.searchsorted(lowered, -needed, side="right")), LIFTED_LIMIT)]
-        lifted = lifted[~member(lifted, scored) & ~member(lifted, excluded)]
-        return lifted if allowed is None else lifted[member(lifted, allowed)]
+        count = min(int(np.searchsorted(lowered, -needed, side="right")), LIFTED_LIMIT)
+        if not count:
+            return none
+        lifted = order[:count]
+        keep = ~member(lifted, scored) & ~member(lifted, excluded)
+        if allowed is not None:
+            keep &= member(lifted, allowed)
+        return lifted[keep], frozen_popular_scores(frozen, user, count)[keep]
 
     def _cold_top(self, k: int, excluded: np.ndarray, allowed: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The top-`k` of a profile with no event: the most popular allowed items."""

@@ -44,6 +44,10 @@ from torch import nn
 # features the attention reads per window slot besides the item vector: time gap, event weight
 SLOT_FEATURES = 2
 PROJECTED_ROWS = 1 << 15  # items projected at a time by projected_items
+# items lifted by their popularity that one two-stage ranking scores at most beyond its candidates
+# (recommend.py): past it, the ranking may miss an item that only its popularity places (a bound
+# on the cost). FrozenScorer keeps the vectors of that many most popular items in one block.
+LIFTED_LIMIT = 10_000
 
 
 @dataclass
@@ -424,6 +428,14 @@ class FrozenScorer:
         order = np.lexsort((np.arange(len(self.popularity)), -self.popularity))
         return order, -self.popularity[order].astype(np.float64)
 
+    @functools.cached_property
+    def popular_items(self) -> np.ndarray:
+        """[LIFTED_LIMIT, D] (all rows of a smaller catalog) the `items` rows of the first rows of
+        `by_popularity`, contiguous: the items two-stage retrieval lifts by their popularity are a
+        prefix of that order, and one product with a block in order costs a fraction of gathering
+        as many rows from a large catalog (frozen_popular_scores). Made on first use."""
+        return np.ascontiguousarray(self.items[self.by_popularity[0][:LIFTED_LIMIT]])
+
 
 def frozen_scorer(model: ProfileScorer) -> FrozenScorer:
     """The eval-mode weights of `model`, on the CPU, folded as FrozenScorer describes."""
@@ -550,6 +562,14 @@ def frozen_row_scores(f: FrozenScorer, parts: ScoreParts, rows: np.ndarray) -> n
     hit = (at < len(rows)) & (rows[np.minimum(at, len(rows) - 1)] == parts.rows)
     np.add.at(scores, (parts.b_idx[hit], at[hit]), parts.values[hit])
     return scores.astype(np.float32, copy=False)
+
+
+def frozen_popular_scores(f: FrozenScorer, user: np.ndarray, n: int) -> np.ndarray:
+    """[n] the scores of frozen_row_scores for the first `n` rows of `f.by_popularity` (at most
+    LIFTED_LIMIT) and one user vector, for items without a sparse term (none of the profile's
+    candidates, so none of its repeats or transitions)."""
+    return (f.scale * (f.popular_items[:n] @ user) + f.popularity[f.by_popularity[0][:n]]).astype(np.float32,
+                                                                                                    copy=False)
 
 
 def _joined(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
