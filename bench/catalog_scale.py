@@ -181,7 +181,7 @@ def served(work: str, seconds: float) -> dict[str, Any]:
         if line.startswith(MEMORY_LINE):
             for part in line[len(MEMORY_LINE):].split(", "):
                 kind, sizes = part.rsplit(" ", 1)
-                out[f"{kind} MiB resident/private"] = sizes
+                out[f"{kind} MiB resident/private/anonymous"] = sizes
     out["p50 / floor"] = out["recommend p50 ms"] / out["floor p50 ms"]
     out["p99 / floor"] = out["recommend p99 ms"] / out["floor p99 ms"]
     return out

@@ -34,6 +34,14 @@ def private_kib(pid: int) -> Optional[int]:
     return _field(f"/proc/{pid}/smaps_rollup", ("Private_Clean:", "Private_Dirty:"))
 
 
+def anonymous_kib(pid: int) -> Optional[int]:
+    """Memory of `pid` that no file backs, in KiB (its heap and arrays). private_kib also counts
+    the pages of a node-shared file that only this process has touched so far (the process that
+    made the scorer's item rows read every item vector once), which the page cache holds once for
+    the node and can drop."""
+    return _field(f"/proc/{pid}/smaps_rollup", ("Anonymous:",))
+
+
 def process_kind(title: str) -> str:
     """The kind of a service process by its title: ShardActor, Ingress, Encoder, ProxyActor, ..."""
     name = title[len("ray::"):].split(".")[0]

@@ -50,7 +50,7 @@ from typing import Any, Callable
 import aiohttp
 import numpy as np
 from machine import describe  # bench/machine.py (the script's folder is on sys.path)
-from processes import private_kib, process_kind, ray_processes, rss_kib
+from processes import anonymous_kib, private_kib, process_kind, ray_processes, rss_kib
 
 
 @dataclass
@@ -231,17 +231,18 @@ async def run_phases(args: argparse.Namespace, base: str, token: str, items: lis
     return results, [result for result, _ in sides], reads
 
 
-MEMORY_LINE = "memory of the serving processes, MiB resident/private (the largest of each kind): "
+MEMORY_LINE = "memory of the serving processes, MiB resident/private/anonymous (the largest of each kind): "
 
 
-def serving_memory() -> dict[str, tuple[int, int]]:
-    """kind -> (resident, private) MiB of the largest process of each kind of the service."""
-    largest: dict[str, tuple[int, int]] = {}
+def serving_memory() -> dict[str, tuple[int, int, int]]:
+    """kind -> (resident, private, anonymous) MiB of the largest process of each kind of the
+    service (processes.py says what each counts)."""
+    largest: dict[str, tuple[int, int, int]] = {}
     for pid, title in ray_processes().items():
-        rss, private = rss_kib(pid), private_kib(pid)
-        if rss is not None and private is not None:
+        sizes = (rss_kib(pid), private_kib(pid), anonymous_kib(pid))
+        if None not in sizes:
             kind = process_kind(title)
-            largest[kind] = max(largest.get(kind, (0, 0)), (rss // 1024, private // 1024))
+            largest[kind] = max(largest.get(kind, (0, 0, 0)), tuple(size // 1024 for size in sizes))
     return dict(sorted(largest.items()))
 
 
@@ -327,7 +328,7 @@ def main() -> None:
           f"that went to the shard: {reads['shard']}")
     events = results[len(sides)][0]  # the phase right after the alternating ones
     print(f"events accepted: {events.units / events.seconds:.0f}/s with durability on (goal >= 1000/s)")
-    print(MEMORY_LINE + ", ".join(f"{kind} {rss}/{private}" for kind, (rss, private) in serving_memory().items()))
+    print(MEMORY_LINE + ", ".join(f"{kind} {'/'.join(map(str, sizes))}" for kind, sizes in serving_memory().items()))
     serve.delete("profilerec-bench")
     if args.compare_socket:
         serve.delete("profilerec-bench-socket")
