@@ -206,11 +206,8 @@ def read_table(location: str, columns: Optional[list[str]] = None) -> pa.Table:
 
 def read_schema(location: str) -> pa.Schema:
     """The schema of a Parquet file (or folder of files), read from the footer alone."""
-    fs, path = resolve(location)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise DataError(f"Parquet input not found: {location}")
     try:
-        return ds.dataset(path, filesystem=fs, format="parquet").schema
+        return _parquet_dataset(location).schema
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"cannot read Parquet at {location}: {e}") from None
 
@@ -218,19 +215,23 @@ def read_schema(location: str) -> pa.Schema:
 def iter_tables(location: str, rows: int, columns: Optional[list[str]] = None) -> Iterator[pa.Table]:
     """A Parquet file (or folder of files) as consecutive tables of about `rows` rows, read as
     they are consumed: memory stays at one chunk however large the file is."""
-
-    fs, path = resolve(location)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise DataError(f"Parquet input not found: {location}")
     try:
-        # without pre-buffering: it reads ahead row groups until much of the file is in memory
-        parquet = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False))
-        dataset = ds.dataset(path, filesystem=fs, format=parquet)
+        dataset = _parquet_dataset(location)
         for batch in dataset.to_batches(columns=columns, batch_size=rows, batch_readahead=1, fragment_readahead=1):
             if batch.num_rows:
                 yield pa.Table.from_batches([batch])
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"cannot read Parquet at {location}: {e}") from None
+
+
+def _parquet_dataset(location: str) -> ds.Dataset:
+    """A Parquet file (or folder of files) as an Arrow dataset scanned without pre-buffering (it
+    reads ahead row groups until much of the file is in memory); DataError when it is absent."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise DataError(f"Parquet input not found: {location}")
+    parquet = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False))
+    return ds.dataset(path, filesystem=fs, format=parquet)
 
 
 @contextlib.contextmanager

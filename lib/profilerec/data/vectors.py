@@ -38,19 +38,22 @@ def item_texts(items: pa.Table) -> pa.Table:
 
 def read_embeddings(location: str, name: str = "items") -> pa.Table:
     """The (key, vector) table `name` ("items" or "texts") of an embeddings folder."""
-    path = storage.join(location, name)
-    if not storage.exists(path):
-        if name == "texts":
-            return pa.table({"text_hash": pa.array([], pa.string()), "vector": pa.array([], pa.list_(pa.float32(), 1))})
-        raise DataError(f"no {name} embeddings at {path}: run jobs/encode.py first")
-    return storage.read_table(path)
+    if name == "texts" and not storage.exists(storage.join(location, name)):
+        return pa.table({"text_hash": pa.array([], pa.string()), "vector": pa.array([], pa.list_(pa.float32(), 1))})
+    return storage.read_table(_embeddings_path(location, name))
 
 
 def item_embedding_chunks(location: str, rows: int) -> tuple[int, Iterator[pa.Table]]:
     """(vector size, the (item_id, vector) tables of `rows` rows each, read as they are consumed)
     of an embeddings folder's item vectors; DataError when it has none."""
-    path = storage.join(location, "items")
-    if not storage.exists(path):
-        raise DataError(f"no items embeddings at {path}: run jobs/encode.py first")
+    path = _embeddings_path(location, "items")
     dim = storage.read_schema(path).field("vector").type.list_size
     return dim, storage.iter_tables(path, rows, ["item_id", "vector"])
+
+
+def _embeddings_path(location: str, name: str) -> str:
+    """Where an embeddings folder keeps its table `name`; DataError when it has none."""
+    path = storage.join(location, name)
+    if not storage.exists(path):
+        raise DataError(f"no {name} embeddings at {path}: run jobs/encode.py first")
+    return path

@@ -547,7 +547,7 @@ def _graph_terms(indptr: np.ndarray, indices: np.ndarray, features: np.ndarray, 
 def frozen_scores(f: FrozenScorer, batch: ScorerBatch) -> np.ndarray:
     """[B, items] scores: ProfileScorer.forward in eval mode without targets."""
     parts = frozen_parts(f, batch)
-    scores = f.scale * (parts.user @ f.items_t) + f.popularity
+    scores = _dense_scores(f, parts.user, f.items_t, f.popularity)
     np.add.at(scores, (parts.b_idx, parts.rows), parts.values)
     return scores.astype(np.float32, copy=False)
 
@@ -555,7 +555,7 @@ def frozen_scores(f: FrozenScorer, batch: ScorerBatch) -> np.ndarray:
 def frozen_row_scores(f: FrozenScorer, parts: ScoreParts, rows: np.ndarray) -> np.ndarray:
     """[B, len(rows)] the same scores as frozen_scores, for the item `rows` only (sorted, distinct):
     the cost grows with the rows scored, not with the catalog."""
-    scores = f.scale * (parts.user @ f.items[rows].T) + f.popularity[rows]
+    scores = _dense_scores(f, parts.user, f.items[rows].T, f.popularity[rows])
     if not len(rows):
         return scores.astype(np.float32, copy=False)
     at = np.searchsorted(rows, parts.rows)
@@ -568,8 +568,14 @@ def frozen_popular_scores(f: FrozenScorer, user: np.ndarray, n: int) -> np.ndarr
     """[n] the scores of frozen_row_scores for the first `n` rows of `f.by_popularity` (at most
     LIFTED_LIMIT) and one user vector, for items without a sparse term (none of the profile's
     candidates, so none of its repeats or transitions)."""
-    return (f.scale * (f.popular_items[:n] @ user) + f.popularity[f.by_popularity[0][:n]]).astype(np.float32,
-                                                                                                    copy=False)
+    scores = _dense_scores(f, user, f.popular_items[:n].T, f.popularity[f.by_popularity[0][:n]])
+    return scores.astype(np.float32, copy=False)
+
+
+def _dense_scores(f: FrozenScorer, user: np.ndarray, items_t: np.ndarray, popularity: np.ndarray) -> np.ndarray:
+    """The dense term every item's score has: the scaled similarity of the user vector(s) to the
+    items (`items_t`, [D, items]) plus the items' `popularity` term."""
+    return f.scale * (user @ items_t) + popularity
 
 
 def _joined(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:

@@ -209,16 +209,17 @@ def model_ranks(model: ProfileScorer, data: CaseTensors, batch_size: int = 512, 
     # a part's columns, and room after them for a batch's targets from other parts
     columns = torch.empty((part_size + batch_size, model.item_vectors.shape[1]), device=device)
     for start in range(0, n, part_size):
-        rows = torch.arange(start, min(n, start + part_size), device=device)
+        stop = min(n, start + part_size)
+        rows = torch.arange(start, stop, device=device)
         columns[: len(rows)] = model.item_matrix(rows)
         for first in range(0, len(data), batch_size):
             cases = torch.arange(first, min(first + batch_size, len(data)))
             batch, targets = data.take(cases)
             batch, targets = batch.to(device), targets.to(device)
-            outside = torch.unique(targets[(targets < rows[0]) | (targets > rows[-1])])
+            inside = (targets >= start) & (targets < stop)
+            outside = torch.unique(targets[~inside])
             columns[len(rows): len(rows) + len(outside)] = model.item_matrix(outside)
             scores = model(batch, rows=torch.cat([rows, outside]), columns=columns[: len(rows) + len(outside)])
-            inside = (targets >= rows[0]) & (targets <= rows[-1])
             at = torch.where(inside, targets - start, len(rows) + torch.searchsorted(outside, targets))
             target_scores = scores.gather(1, at[:, None])
             above[cases] += (scores[:, : len(rows)] > target_scores).sum(1).cpu()
