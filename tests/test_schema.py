@@ -12,6 +12,7 @@ from profilerec.data.schema import (
     check_event_time,
     clean_events,
     clean_items,
+    item_text,
     validate_event,
 )
 from profilerec.errors import ValidationError
@@ -145,3 +146,10 @@ def test_event_times_too_far_ahead_or_too_old_are_refused_by_the_stated_rule():
     with pytest.raises(ValidationError, match="^ts: .* 86401 s before the service's clock"):
         check_event_time(now - 86401, now, max_ahead_s=300, max_age_s=86400)
     check_event_time(now - 86400, now, max_ahead_s=300, max_age_s=86400)
+
+
+def test_item_text_gives_the_title_twice_then_brand_categories_description_and_is_cut():
+    assert item_text("Hex bolt M8", "Acme", ["Tools", "", "Bolts"], "Zinc plated.") == \
+        "Hex bolt M8. Hex bolt M8. Acme. Tools, Bolts. Zinc plated."
+    assert item_text(None, "Acme", None, "Zinc plated.") == "Acme. Zinc plated."
+    assert item_text("Hex bolt", None, None, "x" * 2000, max_chars=50) == ("Hex bolt. Hex bolt. " + "x" * 2000)[:50]
