@@ -10,8 +10,8 @@ from profilerec.batch.encode import PRECISION_FILE, choose_precision, run_encode
 from profilerec.config import EncodeConfig
 from profilerec.data import storage
 from profilerec.data.datasets import PreparedData, read_prepared, write_prepared
-from profilerec.data.schema import CASES_SCHEMA, InvalidRows, clean_events, clean_items
-from profilerec.data.vectors import item_texts, read_embeddings, vectors_from_arrow
+from profilerec.data.schema import CASES_SCHEMA, TITLE_REPEATS, InvalidRows, clean_events, clean_items, item_text
+from profilerec.data.vectors import item_texts, items_title_repeats, read_embeddings, vectors_from_arrow
 from profilerec.errors import ConfigError
 from profilerec.model.encoder import (
     TextEncoder,
@@ -34,6 +34,16 @@ def test_item_vectors_equal_the_encoders_direct_output(tiny_work):
     got = vectors_from_arrow(table.column("vector"))
     np.testing.assert_allclose(got, direct, atol=2e-5)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    # the service encodes the items it learns with the form these were encoded with
+    assert items_title_repeats(str(tiny_work / "embeddings")) == TITLE_REPEATS
+
+
+def test_items_learned_while_serving_take_the_text_form_of_the_embeddings(tmp_path):
+    storage.write_json({"model": "default"}, str(tmp_path / "before" / "manifest.json"))  # encoded before it was recorded
+    storage.write_json({"model": "default", "title_repeats": 3}, str(tmp_path / "later" / "manifest.json"))
+    assert items_title_repeats(str(tmp_path / "before")) == 1
+    assert items_title_repeats(str(tmp_path / "later")) == 3
+    assert item_text("Bolt", "Acme", [], None, title_repeats=1) == "Bolt. Acme"
 
 
 # slow: each encode job below starts encoder actors that load the model; with the session's Ray

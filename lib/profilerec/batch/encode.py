@@ -33,6 +33,7 @@ import ray
 from profilerec.config import EncodeConfig
 from profilerec.data import storage
 from profilerec.data.datasets import read_prepared_table
+from profilerec.data.schema import TITLE_REPEATS
 from profilerec.data.vectors import item_texts, read_embeddings, vectors_to_arrow
 from profilerec.errors import ConfigError, DataError
 from profilerec.model.encoder import (
@@ -368,6 +369,7 @@ def run_encode(cfg: EncodeConfig, use_gpu: bool, progress: Optional[ProgressFn] 
         "precision": precision,
         "precision_choice": {k: v for k, v in choice.items() if k != "precision"},
         "packing": cfg.packing,
+        "title_repeats": TITLE_REPEATS,  # the items' text form (data/schema.py item_text)
         "dim": int(read_embeddings(cfg.output, "items").column("vector").type.list_size),
         "counts": counts,
         "distinct_texts": distinct,

@@ -295,16 +295,17 @@ def clean_items(frame: pd.DataFrame, report: InvalidRows) -> pa.Table:
 
 # The title goes into an item's text this many times. The encoder mean-pools its tokens, so a
 # second copy weighs the title (the field that names the item) more against a long description;
-# better on every valid figure of Amazon Industrial, three seeds (docs/results). Owned here: the
-# encode job, the fine-tune and the service's PUT /v1/items all build the text with item_text.
+# better on every valid figure of Amazon Industrial, three seeds (docs/results). The encode job
+# records it in its manifest, and the service encodes the items it learns the way the embeddings'
+# items were encoded (vectors.items_title_repeats), so an upgrade never mixes two forms.
 TITLE_REPEATS = 2
 
 
 def item_text(title: Optional[str], brand: Optional[str], categories: Optional[Iterable[str]],
-              description: Optional[str], max_chars: int = 1000) -> str:
-    """The text that represents an item to the encoder: the title (TITLE_REPEATS times), brand,
+              description: Optional[str], max_chars: int = 1000, title_repeats: int = TITLE_REPEATS) -> str:
+    """The text that represents an item to the encoder: the title (`title_repeats` times), brand,
     categories, description, cut at `max_chars`."""
-    parts = [title] * TITLE_REPEATS if title else []
+    parts = [title] * title_repeats if title else []
     if brand:
         parts.append(brand)
     cats = [c for c in (categories or []) if c]

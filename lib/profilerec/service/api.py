@@ -36,6 +36,7 @@ from profilerec.data.schema import (
     normalize_id,
     validate_event,
 )
+from profilerec.data.vectors import items_title_repeats
 from profilerec.errors import ShardRetired, StorageUnavailable, ValidationError
 from profilerec.model.encoder import TextEncoder, pick_device, runnable_precision, text_hash
 from profilerec.model.retrieval import check_retrieval
@@ -278,6 +279,7 @@ class Ingress:
         # same items files applied in the same order (learned.py fingerprint). Texts learned while
         # serving are only checked here, never scored, so their vectors stay out of it.
         self.recommender = load_serving_recommender(self.cfg, {ITEMS_LOG: self.learned[ITEMS_LOG]})
+        self.title_repeats = items_title_repeats(self.cfg.embeddings)  # new items' text as the catalog's
         # hashes of the event texts encoded while serving (the encode job's are the recommender's
         # text_vectors, memory-mapped: text_vectors.py)
         self.learned_texts: set[str] = set()
@@ -356,7 +358,8 @@ class Ingress:
                                      "an item needs a title or a description: its text is what it is recommended by")
         rows = [{**item.model_dump(), "extra": json.dumps(item.extra) if item.extra else None} for item in body.items]
         items = pa.Table.from_pylist(rows, schema=ITEMS_SCHEMA)
-        texts = [item_text(r["title"], r["brand"], r["categories"], r["description"]) for r in rows]
+        texts = [item_text(r["title"], r["brand"], r["categories"], r["description"], title_repeats=self.title_repeats)
+                 for r in rows]
         vectors = np.asarray(await asyncio.gather(*(self.encoder.encode.remote(t) for t in texts)), dtype=np.float32)
         new = sum(1 for r in rows if r["item_id"] not in self.recommender.index)
         self.learned[ITEMS_LOG].append(items, vectors)  # durable before anything else sees the items
