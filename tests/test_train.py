@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from profilerec.batch.evaluate import run_evaluate
 from profilerec.config import EvaluateConfig, TrainConfig, from_dict
+from profilerec.data import storage
 from profilerec.data.datasets import read_prepared
+from profilerec.data.schema import TITLE_REPEATS
+from profilerec.data.vectors import items_title_repeats
 from profilerec.errors import ConfigError
 from profilerec.model.profile import ProfileState
 from profilerec.model.recommend import load_recommender
@@ -89,3 +92,9 @@ def test_the_benchmark_command_writes_the_table_with_published_figures(tmp_path,
     table = (tmp_path / "bench" / "report" / "ablation.md").read_text()
     assert "| profilerec (default) |" in table and "| MiniOneRec (Qwen2.5 1.5B, SFT+RL) |" in table
     assert (tmp_path / "bench" / "report" / "ablation.png").stat().st_size > 1000
+    # embeddings encoded from another form of the item text are encoded again, not reused
+    base = str(tmp_path / "bench" / "embeddings" / "base")
+    manifest = storage.read_json(storage.join(base, "manifest.json"))
+    storage.write_json({**manifest, "title_repeats": 1}, storage.join(base, "manifest.json"))
+    run_benchmark(cfg)
+    assert items_title_repeats(base) == TITLE_REPEATS

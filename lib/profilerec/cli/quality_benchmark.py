@@ -33,6 +33,8 @@ from profilerec.cli.console import progress, stage
 from profilerec.config import BenchmarkConfig, ScorerConfig
 from profilerec.data import storage
 from profilerec.data.datasets import prepare, read_prepared
+from profilerec.data.schema import TITLE_REPEATS
+from profilerec.data.vectors import items_title_repeats
 from profilerec.model.ranking import case_ranks, popularity_ranks, ranking_metrics
 from profilerec.model.replay import iter_cases, user_sequences
 from profilerec.runtime.cluster import cluster_gpus, init_ray
@@ -82,7 +84,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     if not storage.exists(storage.join(prepared, "manifest.json")):
         with stage("prepare"):
             prepare(dataclasses.replace(cfg.prepare, output=prepared))
-    if not storage.exists(storage.join(base, "manifest.json")):
+    # the encode job's cache makes a rerun cheap; skipped only when the items' text form is today's
+    if not storage.exists(storage.join(base, "manifest.json")) or items_title_repeats(base) != TITLE_REPEATS:
         with stage("encode"):
             run_encode(dataclasses.replace(cfg.encode, input=prepared, output=base, ray=cfg.ray), use_gpu, progress)
     data = read_prepared(prepared)
