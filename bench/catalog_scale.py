@@ -161,11 +161,12 @@ def serve_work_folder(work_dir: str, folder: str) -> str:
     return work
 
 
-def served(work: str, seconds: float) -> dict[str, Any]:
+def served(work: str, seconds: float, ingress_replicas: int) -> dict[str, Any]:
     """bench/serve_bench.py's figures on `work`: recommendation and floor p50/p99, and the resident
     memory of every serving process while it ran."""
     bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve_bench.py")
-    done = subprocess.run([sys.executable, bench, "--work_dir", work, "--seconds", str(seconds)],
+    done = subprocess.run([sys.executable, bench, "--work_dir", work, "--seconds", str(seconds),
+                           "--ingress_replicas", str(ingress_replicas)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"serve_bench failed:\n{done.stderr[-3000:]}")
@@ -187,7 +188,8 @@ def served(work: str, seconds: float) -> dict[str, Any]:
     return out
 
 
-def run_stage(stage: str, work_dir: str, folder: str, cases: int, seconds: float = 30.0) -> dict[str, Any]:
+def run_stage(stage: str, work_dir: str, folder: str, cases: int, seconds: float = 30.0,
+              ingress_replicas: int = 1) -> dict[str, Any]:
     """One stage on the catalog in `folder` (in this process); returns its figures."""
     import torch
     from profilerec.model.ann import read_index, write_index
@@ -196,7 +198,7 @@ def run_stage(stage: str, work_dir: str, folder: str, cases: int, seconds: float
     from profilerec.model.retrieval import Retrieval
 
     if stage == "serve":
-        return served(serve_work_folder(work_dir, folder), seconds)
+        return served(serve_work_folder(work_dir, folder), seconds, ingress_replicas)
     torch.set_num_threads(THREADS.get(stage, 2))
     recommender, sequences = load_catalog(work_dir, folder)
     index_folder = os.path.join(folder, "index")
@@ -275,11 +277,14 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=1000, help="cases the evaluate stage ranks")
     parser.add_argument("--stages", default=",".join(STAGES), help="stages to run, comma-separated")
     parser.add_argument("--serve_seconds", type=float, default=30.0, help="serve_bench.py's --seconds")
+    parser.add_argument("--ingress_replicas", type=int, default=1,
+                        help="serve_bench.py's --ingress_replicas (serve/config.yaml autoscales 1-4)")
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # one stage in this process (the children)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
-        print(json.dumps(run_stage(args.stage, args.work_dir, args.folder, args.cases, args.serve_seconds)))
+        print(json.dumps(run_stage(args.stage, args.work_dir, args.folder, args.cases, args.serve_seconds,
+                                   args.ingress_replicas)))
         return
     print(f"machine: {describe()}")
     results: dict[int, dict[str, Any]] = {}
@@ -297,7 +302,8 @@ def main() -> None:
                 env = {**os.environ, **threads}
                 done = subprocess.run([sys.executable, __file__, "--stage", stage, "--folder", folder,
                                        "--work_dir", args.work_dir, "--cases", str(args.cases),
-                                       "--serve_seconds", str(args.serve_seconds)],
+                                       "--serve_seconds", str(args.serve_seconds),
+                                       "--ingress_replicas", str(args.ingress_replicas)],
                                       env=env, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     print(f"  {stage}: failed\n{done.stderr[-2000:]}", flush=True)
