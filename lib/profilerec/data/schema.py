@@ -295,7 +295,7 @@ def clean_items(frame: pd.DataFrame, report: InvalidRows) -> pa.Table:
 
 # The title goes into an item's text this many times. The encoder mean-pools its tokens, so a
 # second copy weighs the title (the field that names the item) more against a long description;
-# better on every valid figure of Amazon Industrial, three seeds (docs/results). The encode job
+# chosen on Amazon Industrial's valid split, three seeds (docs/results). The encode job
 # records it in its manifest, and the service encodes the items it learns the way the embeddings'
 # items were encoded (vectors.items_title_repeats), so an upgrade never mixes two forms.
 TITLE_REPEATS = 2
