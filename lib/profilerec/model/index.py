@@ -12,8 +12,8 @@ from dataclasses import InitVar, dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 from profilerec.data import storage
 from profilerec.data.vectors import item_embedding_chunks, vectors_from_arrow
 from profilerec.errors import DataError
@@ -148,9 +148,11 @@ def fill_catalog_vectors(item_ids: pa.ChunkedArray, embeddings: Iterable[pa.Tabl
     (item_id, vector) tables `embeddings` (one table, or a file's chunks read as they come: at a
     million items only `out` and one chunk are in memory). DataError naming items without one."""
     catalog = item_ids.combine_chunks() if isinstance(item_ids, pa.ChunkedArray) else item_ids
+    # the catalog's ids hashed once for every chunk (pc.index_in hashes its value set on each call)
+    rows_of = pd.Index(catalog.to_numpy(zero_copy_only=False))
     found = np.zeros(len(out), dtype=bool)
     for table in embeddings:
-        at = pc.fill_null(pc.index_in(table.column("item_id"), value_set=catalog), -1).to_numpy(zero_copy_only=False)
+        at = rows_of.get_indexer(table.column("item_id").to_numpy(zero_copy_only=False))
         known = at >= 0
         out[at[known]] = vectors_from_arrow(table.column("vector"))[known]
         found[at[known]] = True
