@@ -70,6 +70,8 @@ def test_catalog_vectors_are_read_a_row_group_at_a_time_into_the_catalogs_order(
     np.testing.assert_array_equal(out, vectors[:10])
     with pytest.raises(DataError, match=r"1 items have no embedding \(e.g. \['new'\]\)"):
         fill_catalog_vectors(pa.chunked_array([ids + ["new"]]), iter(chunks), np.zeros((11, 4), dtype=np.float32))
+    with pytest.raises(DataError, match=r"item ids appear twice in the catalog \(e.g. \['i3'\]\)"):
+        fill_catalog_vectors(pa.chunked_array([ids + ["i3"]]), iter(chunks), np.zeros((11, 4), dtype=np.float32))
 
 
 def test_filters_follow_upserts_without_rebuilding_from_the_base_columns():

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 from profilerec.data import storage
-from profilerec.data.schema import TITLE_REPEATS, item_text
+from profilerec.data.schema import item_text
 from profilerec.errors import DataError
 
 
@@ -38,11 +38,9 @@ def item_texts(items: pa.Table) -> pa.Table:
 
 def items_title_repeats(embeddings: str) -> int:
     """How many times the title is in the texts the embeddings folder's items were encoded from
-    (its manifest's `title_repeats`; 1 in a folder encoded before it was recorded, today's
-    TITLE_REPEATS where there is no manifest yet): what an item learned while serving is encoded
-    with, so that its vector is made like the catalog's."""
-    manifest = storage.join(embeddings, "manifest.json")
-    return int(storage.read_json(manifest).get("title_repeats", 1)) if storage.exists(manifest) else TITLE_REPEATS
+    (its manifest's `title_repeats`; 1 in a folder encoded before it was recorded): what an item
+    learned while serving is encoded with, so that its vector is made like the catalog's."""
+    return int(storage.read_json(storage.join(embeddings, "manifest.json")).get("title_repeats", 1))
 
 
 def read_embeddings(location: str, name: str = "items") -> pa.Table:

@@ -150,6 +150,9 @@ def fill_catalog_vectors(item_ids: pa.ChunkedArray, embeddings: Iterable[pa.Tabl
     catalog = item_ids.combine_chunks() if isinstance(item_ids, pa.ChunkedArray) else item_ids
     # the catalog's ids hashed once for every chunk (pc.index_in hashes its value set on each call)
     rows_of = pd.Index(catalog.to_numpy(zero_copy_only=False))
+    if not rows_of.is_unique:
+        twice = rows_of[rows_of.duplicated()].unique()[:3].tolist()
+        raise DataError(f"item ids appear twice in the catalog (e.g. {twice}): each item needs one row")
     found = np.zeros(len(out), dtype=bool)
     for table in embeddings:
         at = rows_of.get_indexer(table.column("item_id").to_numpy(zero_copy_only=False))
