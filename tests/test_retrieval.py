@@ -11,7 +11,7 @@ from profilerec.config import ScorerConfig
 from profilerec.data import storage
 from profilerec.data.schema import ITEMS_SCHEMA, Event
 from profilerec.errors import DataError
-from profilerec.model import recommend, row_sets
+from profilerec.model import ann, recommend, row_sets
 from profilerec.model import scorer as scorer_module
 from profilerec.model.ann import build_ivf, exact_rerank, read_index, read_manifest, write_index
 from profilerec.model.index import ItemIndex
@@ -48,6 +48,14 @@ def _catalog(seed: int = 0) -> tuple[ItemIndex, dict[str, list[Event]]]:
         sequences[f"u{u}"] = [Event(event_id=f"u{u}:{n}", user_id=f"u{u}", item_id=f"i{i}", type="view",
                                     ts=3600.0 * n) for n, i in enumerate(items)]
     return index, sequences
+
+
+@pytest.fixture(autouse=True)
+def every_scanned_row_reranked(monkeypatch):
+    # the IVF exact over the rows it scans: 4-bit codes of 16-dimension vectors are too rough to
+    # order them (the index job measures what they keep of real ones), and these tests check what
+    # retrieval and the rerank make of the rows found
+    monkeypatch.setattr(ann, "RERANK_MIN", N)
 
 
 def _zipf(n: int) -> np.ndarray:

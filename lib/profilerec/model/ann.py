@@ -46,9 +46,11 @@ SAMPLE_SIZE = 1000
 TRAINING_POINTS_PER_LIST = 64  # k-means sample: enough per cluster for stable centres
 KMEANS_ROUNDS = 10
 # candidates read from the codes and reranked exactly: RERANK_FETCH per item returned, at least
-# RERANK_MIN (the codes' order is rough enough that even a top 10 needs hundreds reranked)
-RERANK_FETCH = 5
-RERANK_MIN = 1000
+# RERANK_MIN (the codes' order is rough enough that even a top 10 needs a few hundred reranked).
+# Reading more of the scanned clusters' codes buys less recall than scanning more clusters, for
+# the same time per search (docs/benchmarks.md)
+RERANK_FETCH = 3
+RERANK_MIN = 300
 
 
 @dataclass

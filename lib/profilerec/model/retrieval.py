@@ -144,13 +144,13 @@ class Candidates:
 
 
 def lowest_similarity(found: np.ndarray, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """[B] the lowest inner product of each user vector with the `items` rows found for it (-1: none);
-    -inf where none was found."""
+    """[B] the lowest inner product of each user vector with the `items` rows found for it (-1: none),
+    which a search returns best first: that of the last one found; -inf where none was found."""
     out = np.full(len(found), -np.inf)
     for b, rows in enumerate(found):
         rows = rows[rows >= 0]
         if len(rows):
-            out[b] = float((items[rows] @ users[b]).min())
+            out[b] = float(items[rows[-1]] @ users[b])
     return out
 
 
