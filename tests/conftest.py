@@ -118,12 +118,20 @@ def serve_config(work: Path, state: Path, **settings):
 @pytest.fixture(scope="session")
 def tiny_work(tmp_path_factory, ray_session):
     """A prepared + encoded + trained + indexed + profiled work folder of a few dozen real users:
-    the untuned encoder's embeddings, a profile scorer trained on them (work/model/scorer), the
+    the untuned encoder's embeddings, a profile scorer trained on them and its second stage
+    (work/model/scorer), the
     nearest-neighbour index of its item vectors (work/index), the batch profiles."""
     from profilerec.batch.encode import run_encode
     from profilerec.batch.index import run_index
     from profilerec.batch.profiles import run_profiles
-    from profilerec.config import EncodeConfig, IndexConfig, PrepareConfig, ProfilesConfig, TrainConfig
+    from profilerec.config import (
+        EncodeConfig,
+        IndexConfig,
+        PrepareConfig,
+        ProfilesConfig,
+        SecondStageConfig,
+        TrainConfig,
+    )
     from profilerec.data.datasets import prepare
     from profilerec.training.scorer import run_train
 
@@ -135,8 +143,11 @@ def tiny_work(tmp_path_factory, ray_session):
     # fp32 output; test_encode_job.py covers bf16
     run_encode(EncodeConfig(input=str(work / "prepared"), output=str(work / "embeddings"), precision="fp32"),
                use_gpu=False)
+    # a second stage from the few valid cases of two dozen users, whatever its figures there: the
+    # defaults ask for more cases and a gain
     run_train(TrainConfig(input=str(work / "prepared"), embeddings=str(work / "embeddings"), output=str(work / "model"),
-                          epochs=4, patience=4, storage_path=str(base / "ray_train")))
+                          epochs=4, patience=4, storage_path=str(base / "ray_train"),
+                          second_stage=SecondStageConfig(min_cases=5, epochs=10, only_if_better=False)))
     run_index(IndexConfig(input=str(work / "prepared"), embeddings=str(work / "embeddings"), model=str(work / "model"),
                           output=str(work / "index"), threads=1))
     run_profiles(ProfilesConfig(input=str(work / "prepared"), embeddings=str(work / "embeddings"),

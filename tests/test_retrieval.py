@@ -17,7 +17,9 @@ from profilerec.model.ann import build_ivf, exact_rerank, read_index, read_manif
 from profilerec.model.index import ItemIndex
 from profilerec.model.priors import item_priors
 from profilerec.model.profile import ProfileParams, ProfileState, apply_event
+from profilerec.model.ranking import case_ranks
 from profilerec.model.recommend import Recommender
+from profilerec.model.replay import Case, case_states
 from profilerec.model.retrieval import ExactNearest, Retrieval
 from profilerec.model.scorer import (
     ProfileScorer,
@@ -27,6 +29,7 @@ from profilerec.model.scorer import (
     frozen_row_scores,
     scorer_batch,
 )
+from profilerec.model.second_stage import FEATURES, SecondStage
 
 N, DIM = 3000, 16
 BRANDS = ["Acme", "Bolt", "Rare"]
@@ -61,6 +64,15 @@ def every_scanned_row_reranked(monkeypatch):
 def _zipf(n: int) -> np.ndarray:
     weights = 1.0 / np.arange(1, n + 1)
     return weights / weights.sum()
+
+
+def random_second_stage(depth: int = 50, seed: int = 2) -> SecondStage:
+    """A second stage whose corrections are as large as the scores: it reorders the lists."""
+    rng = np.random.default_rng(seed)
+    f, hidden = len(FEATURES), 8
+    return SecondStage(depth, mean=np.zeros(f, np.float32), std=np.ones(f, np.float32),
+                       w1=rng.normal(size=(f, hidden)).astype(np.float32), b1=np.zeros(hidden, np.float32),
+                       w2=rng.normal(size=hidden).astype(np.float32), b2=0.0)
 
 
 def _recommender(with_scorer: bool, popularity: float = 0.3, reverse: float = 0.0
@@ -109,16 +121,20 @@ def _exact_and_two_stage(recommender: Recommender, states: list[ProfileState], n
 
 def _same_answers(a: list[list[dict]], b: list[list[dict]]) -> None:
     """The same items in the same order, with the same scores up to float rounding (a product
-    over a few rows adds up in another order than one over all of them)."""
+    over a few rows adds up in another order than one over all of them, and a second stage's
+    network carries that rounding into its own scores)."""
     assert [[item["item_id"] for item in answer] for answer in a] == [[item["item_id"] for item in answer]
                                                                        for answer in b]
     np.testing.assert_allclose([item["score"] for answer in a for item in answer],
-                               [item["score"] for answer in b for item in answer], rtol=1e-5, atol=1e-6)
+                               [item["score"] for answer in b for item in answer], rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(params=[True, False], ids=["scorer", "zero-shot"], scope="module")
+@pytest.fixture(params=["scorer", "zero-shot", "second stage"], scope="module")
 def served(request):
-    return _recommender(request.param)
+    recommender, states = _recommender(request.param != "zero-shot")
+    if request.param == "second stage":
+        recommender.second_stage = random_second_stage()
+    return recommender, states
 
 
 @pytest.mark.parametrize("search", ["exact", "ivf"])
@@ -218,6 +234,42 @@ def test_filters_and_exclusions_hold_as_in_the_full_ranking(served, request_args
         assert all(len(answer) == 6 for answer in two_stage)  # every Rare item, none else
     if "nobody" in request_args.values():
         assert all(answer == [] for answer in two_stage)
+
+
+def test_the_second_stage_reorders_the_first_stage_top_items_and_leaves_the_rest_below():
+    recommender, states = _recommender(True)
+    stage = random_second_stage()
+    first_stage = [recommender.recommend(s, k=60) for s in states]
+    recommender.second_stage = stage
+    changed = 0
+    for state, first in zip(states, first_stage):
+        answer = recommender.recommend(state, k=60)
+        if not state.recent:  # no profile to reorder by: the popularity list as it was
+            assert answer == first
+            continue
+        rows = np.array([recommender.index.row(item["item_id"]) for item in first])
+        scores = np.array([item["score"] for item in first], dtype=np.float32)
+        features = recommender.second_stage_features([state], rows[None, :50], scores[None, :50])
+        new = stage.scores(features)[0]
+        head = rows[:50][np.lexsort((rows[:50], -new))]
+        assert [recommender.index.row(item["item_id"]) for item in answer] == head.tolist() + rows[50:].tolist()
+        assert [item["score"] for item in answer][:50] == pytest.approx(np.sort(new)[::-1].tolist(), rel=1e-5)
+        assert all(a["score"] >= b["score"] for a, b in zip(answer, answer[1:]))
+        changed += [item["item_id"] for item in answer[:10]] != [item["item_id"] for item in first[:10]]
+    assert changed > len(states) // 2
+
+
+def test_evaluation_ranks_each_target_where_the_recommendation_lists_it():
+    recommender, _ = _recommender(True)
+    recommender.second_stage = random_second_stage()
+    index, sequences = _catalog()
+    cases = [Case(user, "test", events[-1].item_id, events[:-1]) for user, events in list(sequences.items())[:40]]
+    ranks = case_ranks(recommender, cases)
+    states = case_states(cases, recommender.vector_of, recommender.params, recommender.index.meta)
+    for case, state, rank in zip(cases, states, ranks):
+        listed = [item["item_id"] for item in recommender.recommend(state, k=len(index))]
+        assert listed.index(case.target) == rank
+    assert (ranks < 50).any() and (ranks >= 50).any()  # targets on the reordered head and below it
 
 
 @pytest.mark.parametrize("with_scorer", [True, False], ids=["scorer", "zero-shot"])

@@ -173,12 +173,33 @@ class ScorerConfig:
 
 
 @dataclass
+class SecondStageConfig:
+    """The second stage (model/second_stage.py): a small network that reorders the scorer's top
+    items, fitted on the cases of the training job's `eval_split` once the scorer's epochs are
+    chosen. Its settings were chosen by folds of Amazon Industrial's valid split (docs/results)."""
+
+    depth: int = setting(50, "first-stage items it reorders; 0: no second stage (the scorer's order)")
+    hidden: int = setting(32, "units of its hidden layer")
+    epochs: int = setting(40, "passes over the fitting cases")
+    batch_size: int = setting(128, "cases per step")
+    learning_rate: float = setting(3e-3, "AdamW learning rate")
+    weight_decay: float = setting(1e-3, "AdamW weight decay")
+    folds: int = setting(2, "its validation figure is cross-fitted: fitted on all folds but one, measured on "
+                            "that one, for each fold")
+    min_cases: int = setting(100, "fitting cases (target among the first `depth`) it needs; fewer: no second "
+                                  "stage, and the job says so")
+    only_if_better: bool = setting(True, "write it only when its cross-fitted validation NDCG@10 is above the "
+                                         "scorer's alone (else the job says so and serves the scorer's order)")
+
+
+@dataclass
 class TrainConfig:
     """jobs/train.py: Ray Train fitting of the profile scorer on next-item prediction.
 
-    Epochs are chosen on `eval_split` (early stopping on NDCG@10); with `refit` the scorer is then
-    trained again from scratch on the training splits plus `eval_split` for that many epochs
-    (those events precede later splits), and that model is the one written and served.
+    Epochs are chosen on `eval_split` (early stopping on NDCG@10); the second stage is then fitted
+    on the cases of `eval_split` (second_stage). With `refit` (and no second stage) the scorer is
+    instead trained again from scratch on the training splits plus `eval_split` for that many
+    epochs (those events precede later splits), and that model is the one written and served.
     """
 
     input: str = setting(f"{DEFAULT_WORK_DIR}/prepared", "prepared folder (output of prepare)")
@@ -206,7 +227,10 @@ class TrainConfig:
         1024, "sampled loss: negatives drawn per step (shared by the batch) besides the batch's own targets")
     train_splits: list[str] = setting(factory=lambda: ["train"], help="splits whose cases are trained on")
     eval_split: str = setting("valid", "split the epochs are chosen on")
-    refit: bool = setting(True, "train again on the training splits + eval_split for the chosen epochs")
+    refit: bool = setting(False, "train again on the training splits + eval_split for the chosen epochs (only "
+                                 "without a second stage: both would learn from eval_split's targets)")
+    second_stage: SecondStageConfig = setting(factory=SecondStageConfig,
+                                              help="the network reordering the scorer's top items")
     num_workers: int = setting(1, "Ray Train workers (one per GPU on a GPU cluster)")
     use_gpu: Optional[bool] = setting(None, "none: use GPUs when the cluster has them")
     threads_per_worker: Optional[int] = setting(

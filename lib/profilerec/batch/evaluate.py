@@ -47,7 +47,8 @@ def split_recommender(data, sequences: Optional[dict], embeddings: str, split: s
         seen = set(recommender.scorer.trained_on) & set(later_splits(split))
         if seen:
             raise ConfigError(f"the scorer in {model} was trained on the targets of {sorted(seen)}: evaluating it "
-                              f"on {split!r} would be meaningless (train with --refit false, or evaluate a later split)")
+                              f"on {split!r} would be meaningless (evaluate a later split, or train with --refit false "
+                              f"--second_stage.depth 0)")
     if prepared is not None:
         mask = pc.is_in(data.cases.column("split"), pa.array(later_splits(split)))
         hidden = data.cases.filter(mask).column("target_event_id").combine_chunks()

@@ -10,11 +10,17 @@ HEADLINE_METRICS = ("HR@10", "NDCG@10")
 
 
 def trained(manifest: dict[str, Any], cfg: TrainConfig) -> str:
-    """The chosen epoch and its headline validation metrics (the manifest has them all), the
-    refit, where the scorer is."""
+    """The chosen epoch and the headline validation metrics of what is served (the manifest has
+    them all), the second stage or the refit, where the scorer is."""
     valid = ", ".join(f"{k} {v:.4f}" for k, v in manifest["validation"].items() if k in HEADLINE_METRICS)
-    refit = f"; refit on {'+'.join(cfg.train_splits + [cfg.eval_split])}" if cfg.refit else ""
-    return f"best epoch {manifest['best_epoch']} on {cfg.eval_split} ({valid}){refit}; scorer in {cfg.output}/scorer"
+    stage = manifest.get("second_stage") or {}
+    if "cross_fitted" in stage:
+        after = f"; second stage fitted on {stage['fit_cases']:,} {cfg.eval_split} cases (figures cross-fitted)"
+    elif "skipped" in stage:
+        after = f"; no second stage: {stage['skipped']}"
+    else:
+        after = f"; refit on {'+'.join(cfg.train_splits + [cfg.eval_split])}" if cfg.refit else ""
+    return f"best epoch {manifest['best_epoch']} on {cfg.eval_split} ({valid}){after}; scorer in {cfg.output}/scorer"
 
 
 def encoded(manifest: dict[str, Any], output: str) -> str:

@@ -38,6 +38,7 @@ class ItemMeta:
         self._rows = len(base)
         self._brand_rows: Optional[dict[str, np.ndarray]] = None  # made on the first filter
         self._category_rows: Optional[dict[str, np.ndarray]] = None
+        self._brand_codes: Optional[np.ndarray] = None  # made on first use, dropped by a change
 
     def __len__(self) -> int:
         return self._rows
@@ -60,6 +61,24 @@ class ItemMeta:
             raise IndexError(f"row {row} would leave a gap after {self._rows} rows")
         self.changed[row] = (brand, list(categories or []), title)
         self._rows = max(self._rows, row + 1)
+        self._brand_codes = None
+
+    def brand_codes(self) -> np.ndarray:
+        """[rows] one number per distinct brand (compared case-insensitively), -1 for none: for
+        comparing the brands of many rows at once. Kept until a row changes."""
+        if self._brand_codes is None:
+            column = self.base["brand"]
+            column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+            encoded = pc.dictionary_encode(pc.utf8_lower(column))
+            codes = np.full(self._rows, -1, dtype=np.int64)
+            codes[:len(column)] = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+            numbers = {value: i for i, value in enumerate(encoded.dictionary.to_pylist())}
+            for row, (brand, _, _) in self.changed.items():
+                codes[row] = -1 if brand is None else numbers.setdefault(brand.lower(), len(numbers))
+            if "" in numbers:  # a blank brand is no brand
+                codes[codes == numbers[""]] = -1
+            self._brand_codes = codes
+        return self._brand_codes
 
     def rows_with(self, brand: Optional[str] = None, category: Optional[str] = None) -> Optional[np.ndarray]:
         """Sorted rows whose brand is `brand` and whose categories include `category`

@@ -3,6 +3,7 @@ transitions (what users touch next), the extra signals the profile scorer adds t
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -78,6 +79,24 @@ class ItemPriors:
     def num_items(self) -> int:
         """Rows covered."""
         return len(self.indptr) - 1
+
+    @functools.cached_property
+    def pair_keys(self) -> np.ndarray:
+        """[nnz] a * num_items + b of each transition (a, b), ascending (the CSR rows are sorted):
+        where pair_counts looks pairs up. Made on first use."""
+        sources = np.repeat(np.arange(self.num_items, dtype=np.int64), np.diff(self.indptr))
+        return sources * self.num_items + self.indices
+
+    def pair_counts(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """The transition counts of the pairs (a, b) of two arrays of rows of one shape (0 where
+        either row is -1 or the pair was never counted)."""
+        a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+        keys = np.maximum(a, 0) * self.num_items + np.maximum(b, 0)
+        at = np.minimum(np.searchsorted(self.pair_keys, keys), max(len(self.pair_keys) - 1, 0))
+        if not len(self.pair_keys):
+            return np.zeros(keys.shape, dtype=np.float32)
+        found = (self.pair_keys[at] == keys) & (a >= 0) & (b >= 0)
+        return np.where(found, self.counts[at], 0.0).astype(np.float32)
 
 
 def item_priors(sequences: dict[str, list[Event]], index: ItemIndex, hidden: Iterable[str] = (),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import numpy as np
+from profilerec.model.index import best_rows
 from profilerec.model.recommend import Recommender
 from profilerec.model.replay import Case, case_states, target_rows
 
@@ -46,7 +47,9 @@ def case_chunk(items: int) -> int:
 
 
 def case_ranks(recommender: Recommender, cases: Sequence[Case]) -> np.ndarray:
-    """0-based rank of each case's target among all items (items unknown to the index rank last)."""
+    """0-based rank of each case's target among all items (items unknown to the index rank last),
+    in the order `Recommender.recommend` lists them: with a second stage, the first stage's top
+    items in its order, then the rest."""
     targets = target_rows(cases, recommender.index.row)
     ranks = np.full(len(cases), len(recommender.index), dtype=np.int64)
     chunk = case_chunk(len(recommender.index))
@@ -57,7 +60,27 @@ def case_ranks(recommender: Recommender, cases: Sequence[Case]) -> np.ndarray:
         known = targets[part] >= 0
         scores = recommender.scores(states)
         ranks[part][known] = target_ranks(scores[known], targets[part][known])
+        if recommender.reranks():
+            depth = recommender.rerank_depth(0)
+            lists = recommender.reranked_top(states, first_stage_lists(scores, depth), depth)
+            ranks[part] = listed_ranks(lists, targets[part], ranks[part])
     return ranks
+
+
+def first_stage_lists(scores: np.ndarray, depth: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Rows and scores of the `depth` best items of each row of `scores` [B, items], best first."""
+    every = np.arange(scores.shape[1])
+    return [best_rows(every, row, depth) for row in scores]
+
+
+def listed_ranks(lists: Sequence[tuple[np.ndarray, np.ndarray]], targets: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """Each target's place in its case's list (`lists`: rows and scores, best first); a target
+    the list leaves out keeps its rank in `ranks` if that is past the list, else ranks just past it."""
+    out = ranks.copy()
+    for i, (rows, _) in enumerate(lists):
+        found = np.flatnonzero(rows == targets[i])
+        out[i] = found[0] if targets[i] >= 0 and len(found) else max(ranks[i], len(rows))
+    return out
 
 
 def two_stage_ranks(recommender: Recommender, cases: Sequence[Case], depth: int = TWO_STAGE_DEPTH) -> np.ndarray:

@@ -3,8 +3,10 @@
 A Recommender holds the item index, the event-text vectors, the profile parameters, the item
 priors (popularity, transitions) and, once trained, the ProfileScorer (scorer.py). It turns
 events into the vectors profile.py consumes (`vector_of`) and profile states into scores over
-every item (`scores`) and top-K lists (`recommend`). Without a scorer it ranks by the zero-shot
-profile (cosine of the interest vectors); a user with no event yet gets the popularity ranking.
+every item (`scores`, the first stage) and top-K lists (`recommend`: the first stage's top items
+reordered by the second stage, second_stage.py, when the model has one). Without a scorer it ranks
+by the zero-shot profile (cosine of the interest vectors); a user with no event yet gets the
+popularity ranking.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from profilerec.model.ann import read_manifest
 from profilerec.model.encoder import text_hash
 from profilerec.model.index import ItemIndex, best_rows, shared_index
 from profilerec.model.priors import ItemPriors, empty_priors, grown_priors
-from profilerec.model.profile import ProfileParams, ProfileState, event_embedding, interest_vectors, zero_shot_query
+from profilerec.model.profile import (
+    ProfileParams,
+    ProfileState,
+    event_embedding,
+    interest_vectors,
+    window_features,
+    zero_shot_query,
+)
 from profilerec.model.retrieval import Retrieval, configured_retrieval, index_retrieval, unheld_changes
 from profilerec.model.row_sets import distinct, member
 from profilerec.model.scorer import (
@@ -38,6 +47,7 @@ from profilerec.model.scorer import (
     scorer_batch,
     scorer_exists,
 )
+from profilerec.model.second_stage import SecondStage, load_second_stage, rerank_features
 from profilerec.model.text_vectors import TextVectors, empty_text_vectors, load_text_vectors
 
 SCORER_DIR = "scorer"  # inside a model folder, next to a fine-tuned `encoder`
@@ -54,6 +64,7 @@ class Recommender:
     text_vectors: TextVectors = field(default_factory=empty_text_vectors)  # text_hash -> unit vector
     priors: Optional[ItemPriors] = None  # popularity and transitions counted in the log
     scorer: Optional[ProfileScorer] = None  # the trained scorer; None = zero-shot profile
+    second_stage: Optional[SecondStage] = None  # reorders the scorer's top items; None = its order
     retrieval: Optional[Retrieval] = None  # candidates for two-stage top-K; None = score every item
 
     def __post_init__(self) -> None:
@@ -140,6 +151,48 @@ class Recommender:
             out[cold] = self.popularity_scores()
         return out
 
+    def reranks(self) -> bool:
+        """Whether top-K lists are the second stage's order of the scorer's top items."""
+        return self.second_stage is not None and self.scorer is not None
+
+    def rerank_depth(self, k: int) -> int:
+        """How many first-stage items a top-`k` list is made from."""
+        return max(k, self.second_stage.depth) if self.reranks() else k
+
+    def reranked_top(self, states: Sequence[ProfileState], tops: Sequence[tuple[np.ndarray, np.ndarray]],
+                     k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The `k` best items of each profile from its first-stage list in `tops` (rows and scores,
+        best first, rerank_depth(k) long where there are as many items): the second stage reorders
+        the first `depth` of them and the rest follow in their order, their scores moved below.
+        Without a second stage, and for a profile with no event, the first `k`."""
+        out = [(rows[:k], scores[:k]) for rows, scores in tops]
+        if not self.reranks():
+            return out
+        depth = self.second_stage.depth
+        by_size: dict[int, list[int]] = {}  # profiles whose lists have the same head size score together
+        for i, state in enumerate(states):
+            if (state.recent or state.long_sum is not None) and len(tops[i][0]):
+                by_size.setdefault(min(depth, len(tops[i][0])), []).append(i)
+        for size, members in by_size.items():
+            rows = np.stack([tops[i][0][:size] for i in members])
+            first = np.stack([tops[i][1][:size] for i in members])
+            new = self.second_stage.scores(self.second_stage_features([states[i] for i in members], rows, first))
+            for j, i in enumerate(members):
+                head = best_rows(rows[j], new[j], size)
+                tail_rows, tail_scores = tops[i][0][size:], tops[i][1][size:]
+                if len(tail_rows):  # below the head, in their order
+                    tail_scores = tail_scores + min(0.0, float(head[1][-1] - tail_scores[0]))
+                out[i] = (np.concatenate([head[0], tail_rows])[:k],
+                          np.concatenate([head[1], tail_scores]).astype(np.float32)[:k])
+        return out
+
+    def second_stage_features(self, states: Sequence[ProfileState], rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """[B, R, F] the second stage's features of each profile's first-stage list (`rows` and
+        their `scores`, [B, R], best first)."""
+        window = window_features(states, self.index.row, self.params, {})["items"]
+        priors = self.priors if self.priors is not None else empty_priors(len(self.index))
+        return rerank_features(rows, scores, window, self.item_matrix(), priors, self.index.details.brand_codes())
+
     def recommend(self, state: ProfileState, k: int = 10, exclude_seen: bool = False,
                   brand: Optional[str] = None, category: Optional[str] = None) -> list[dict[str, Any]]:
         """The top-`k` items for one profile, best first, with scores."""
@@ -150,7 +203,8 @@ class Recommender:
             if allowed is not None:
                 mask = np.zeros(len(self.index), dtype=bool)
                 mask[allowed] = True
-            rows, top = self.index.top_k(self.scores([state])[0], k, exclude, mask)
+            first = self.index.top_k(self.scores([state])[0], self.rerank_depth(k), exclude, mask)
+            rows, top = self.reranked_top([state], [first], k)[0]
         else:
             rows, top = self.two_stage_top([state], k, [exclude], allowed)[0]
         return [{"item_id": self.index.item_ids[r], "score": float(s), "title": self.index.title(r)}
@@ -159,12 +213,14 @@ class Recommender:
     def two_stage_top(self, states: Sequence[ProfileState], k: int, exclude: Sequence[Sequence[int]],
                       allowed: Optional[np.ndarray] = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Rows and scores of the `k` best items of each profile among its candidates (retrieval.py),
-        leaving out its `exclude` rows and, with `allowed` (sorted rows), every other item. When a
-        filter leaves fewer than `k` candidates, every allowed item is scored."""
+        leaving out its `exclude` rows and, with `allowed` (sorted rows), every other item, in the
+        second stage's order (reranked_top). When a filter leaves fewer than `k` candidates, every
+        allowed item is scored."""
         if self._rebuilt is not None:
             self._swap_rebuilt()
         if self.retrieval is None:
             raise ValueError("two_stage_top needs a Recommender with retrieval")
+        final_k, k = k, self.rerank_depth(k)
         excluded = [distinct(rows) for rows in exclude]
         warm = [i for i, state in enumerate(states) if state.recent or state.long_sum is not None]
         out = {i: self._cold_top(k, excluded[i], allowed) for i in sorted(set(range(len(states))) - set(warm))}
@@ -179,7 +235,7 @@ class Recommender:
                 if len(lifted):
                     top = best_rows(np.concatenate([top[0], lifted]), np.concatenate([top[1], scores]), k)
                 out[i] = top
-        return [out[i] for i in range(len(states))]
+        return self.reranked_top(states, [out[i] for i in range(len(states))], final_k)
 
     def _lifted(self, top: tuple[np.ndarray, np.ndarray], k: int, reach: float, scored: np.ndarray,
                 excluded: np.ndarray, allowed: Optional[np.ndarray], user: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -322,6 +378,7 @@ def load_recommender(items: pa.Table, embeddings: str, params: Optional[ProfileP
         recommender.scorer = load_scorer(scorer_folder(model), index.item_ids, index.vectors,
                                          priors or empty_priors(len(index)))
         recommender.scorer.shared_key = index.shared_key
+        recommender.second_stage = load_second_stage(scorer_folder(model))
     return recommender
 
 

@@ -47,8 +47,10 @@ from profilerec.model.scorer import (
     save_scorer,
     scorer_batch,
 )
+from profilerec.model.second_stage import SECOND_STAGE_FILE, save_second_stage
 from profilerec.runtime.cluster import ProgressFn
 from profilerec.training.harness import TRAIN_STATE, fit_on_ray_train, read_metrics, report_progress, worker_threads
+from profilerec.training.second_stage import second_stage_for
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +268,13 @@ def training_setup(cfg: TrainConfig) -> TrainingSetup:
     return TrainingSetup(recommender, user_sequences(data.events), data)
 
 
+def check_train_config(cfg: TrainConfig) -> None:
+    """ConfigError for settings that cannot train together."""
+    if cfg.refit and cfg.second_stage.depth > 0:
+        raise ConfigError("setting refit: the refit and the second stage would both learn from the targets of "
+                          f"{cfg.eval_split!r}; set refit false, or second_stage.depth 0 for no second stage")
+
+
 def phases(cfg: TrainConfig) -> list[tuple[str, list[str], Optional[str]]]:
     """(name, training splits, split whose targets and later ones the priors hide) per phase."""
     select = ("select", list(cfg.train_splits), cfg.eval_split)
@@ -280,6 +289,7 @@ def train_loop(config: dict[str, Any]) -> None:
     every epoch; the last checkpoint holds the final scorer."""
 
     cfg = from_dict(TrainConfig, config["cfg"])
+    check_train_config(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     worker_threads(cfg.threads_per_worker)
@@ -353,12 +363,23 @@ def train_loop(config: dict[str, Any]) -> None:
             report_progress(config, bar, epoch + 1, epochs)
         if phase == "select":
             progress.update(phase=number + 1, epoch=0, model=None, optimizer=None)
-    final = ProfileScorer(index.vectors, setup.priors(phases(cfg)[-1][2], cfg.scorer.transition_span),
-                          setup.recommender.params.window, cfg.scorer)
+    final_priors = setup.priors(phases(cfg)[-1][2], cfg.scorer.transition_span)
+    final = ProfileScorer(index.vectors, final_priors, setup.recommender.params.window, cfg.scorer)
     final_state = progress["model"] if cfg.refit else progress["best_state"]
     final.load_state_dict({k: v.cpu() for k, v in final_state.items()})
-    _report(progress, {"phase": "final", "best_epoch": progress["best_epoch"], "val_NDCG@10": progress["best"]},
-            rank, (final, index.item_ids, setup.recommender.params, phases(cfg)[-1][1]))
+    final.eval()
+    trained_on, stage, stage_report = phases(cfg)[-1][1], None, None
+    if cfg.second_stage.depth > 0 and rank == 0:
+        scored = dataclasses.replace(setup.recommender, scorer=final)
+        scored.set_priors(final_priors)
+        report_progress(config, f"second stage, fitted on {cfg.eval_split}", 0, 1)
+        stage, stage_report = second_stage_for(scored, eval_cases, cfg.second_stage, cfg.seed)
+        report_progress(config, f"second stage, fitted on {cfg.eval_split}", 1, 1)
+        if stage is not None:
+            trained_on = trained_on + [cfg.eval_split]
+    _report(progress, {"phase": "final", "best_epoch": progress["best_epoch"], "val_NDCG@10": progress["best"],
+                       "second_stage": stage_report},
+            rank, (final, stage, index.item_ids, setup.recommender.params, trained_on))
 
 
 def _report(progress: dict, report: dict, rank: int, final) -> None:
@@ -372,8 +393,10 @@ def _report(progress: dict, report: dict, rank: int, final) -> None:
         with open(os.path.join(folder, "metrics.json"), "w") as f:
             json.dump({**report, "history": progress["history"], "best_epoch": progress["best_epoch"]}, f)
         if final is not None:
-            model, item_ids, params, trained_on = final
+            model, stage, item_ids, params, trained_on = final
             save_scorer(model, os.path.join(folder, SCORER_DIR), item_ids, params, trained_on)
+            if stage is not None:
+                save_second_stage(stage, os.path.join(folder, SCORER_DIR))
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -386,6 +409,7 @@ def run_train(cfg: TrainConfig, progress: Optional[ProgressFn] = None) -> dict[s
 
     cfg = dataclasses.replace(cfg, input=storage.absolute(cfg.input), output=storage.absolute(cfg.output),
                               embeddings=storage.absolute(cfg.embeddings))
+    check_train_config(cfg)
     started = time.perf_counter()
     run = fit_on_ray_train(train_loop, cfg, ("output",), ray.train.CheckpointConfig(num_to_keep=2), progress)
     result, name = run.result, run.name
@@ -393,11 +417,17 @@ def run_train(cfg: TrainConfig, progress: Optional[ProgressFn] = None) -> dict[s
         metrics = read_metrics(folder)
         if not os.path.isdir(os.path.join(folder, SCORER_DIR)):
             raise DataError(f"training run {name} stopped before it saved the final scorer; run it again to resume")
+        stale = storage.join(cfg.output, SCORER_DIR, SECOND_STAGE_FILE)
+        if not os.path.exists(os.path.join(folder, SCORER_DIR, SECOND_STAGE_FILE)) and storage.exists(stale):
+            storage.delete(stale)  # an earlier model's, which must not reorder this scorer's lists
         storage.upload_dir(os.path.join(folder, SCORER_DIR), storage.join(cfg.output, SCORER_DIR))
     history = metrics["history"]
     best = next((h for h in history if h["phase"] == "select" and h["epoch"] == metrics["best_epoch"]), {})
+    second_stage = metrics.get("second_stage") or {}
+    # the figures of what is served: the second stage's are cross-fitted on the same cases
+    validation = second_stage.get("cross_fitted") or {k[4:]: v for k, v in best.items() if k.startswith("val_")}
     manifest = {"run": name, "storage_path": run.storage_path, "best_epoch": metrics["best_epoch"],
-                "validation": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
+                "validation": validation, "second_stage": second_stage or None,
                 "refit": cfg.refit, "history": history, "embeddings": cfg.embeddings, "use_gpu": run.use_gpu,
                 "num_workers": cfg.num_workers, "seconds": round(time.perf_counter() - started, 1),
                 "config": to_dict(cfg)}
