@@ -41,8 +41,8 @@ class ListedCases:
 
 def listed_cases(recommender: Recommender, cases: Sequence[Case], depth: int) -> ListedCases:
     """The scorer's top `depth` items of every case and the second stage's features of them
-    (Recommender.second_stage_features: what serving computes); a case whose target or history the
-    index does not know ranks last."""
+    (Recommender.second_stage_features: what serving computes); a case whose target the index does
+    not know ranks last."""
     targets = target_rows(cases, recommender.index.row)
     n = len(recommender.index)
     depth = min(depth, n)
@@ -93,7 +93,8 @@ def fit_second_stage(data: ListedCases, cfg: SecondStageConfig, seed: int) -> Se
         return t.detach().numpy().astype(np.float32)
 
     return SecondStage(depth=data.features.shape[1], mean=mean.astype(np.float32), std=std.astype(np.float32),
-                       w1=arr(hidden.weight.T), b1=arr(hidden.bias), w2=arr(out.weight[0]), b2=float(out.bias.detach()[0]))
+                       w1=arr(hidden.weight.T), b1=arr(hidden.bias), w2=arr(out.weight[0]),
+                       b2=float(arr(out.bias)[0]))
 
 
 def reranked_ranks(stage: SecondStage, data: ListedCases) -> np.ndarray:
