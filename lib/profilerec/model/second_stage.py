@@ -69,7 +69,7 @@ def rerank_features(rows: np.ndarray, scores: np.ndarray, window: np.ndarray, it
     win = np.maximum(window, 0)
     newest, has_newest = win[:, -1], present[:, -1]
     cand = items[rows]  # [B, R, D]
-    sims = np.einsum("brd,bwd->brw", cand, items[win]) * present[:, None, :]
+    sims = (cand @ items[win].transpose(0, 2, 1)) * present[:, None, :]  # [B, R, W]
     length = present.sum(1)
     out = np.empty((b, r, len(FEATURES)), dtype=np.float32)
     out[..., 0] = scores
