@@ -6,9 +6,9 @@ For each size a catalog is grown from the work folder's real item vectors (synth
 each item mostly one real item, mixed with another, plus noise; it takes that real item's brand,
 categories and title), and a log of --users users over it: the work folder's real user
 sequences, every real item replaced by one of the items grown from it, so the catalog's
-transitions keep the real ones' shape. The model is the work folder's trained scorer over the
-grown catalog (its weights do not depend on the catalog: no ID embeddings), the item priors are
-counted over the synthetic log.
+transitions keep the real ones' shape. The model is the work folder's trained scorer and its
+second stage over the grown catalog (their weights do not depend on the catalog: no ID
+embeddings), the item priors are counted over the synthetic log.
 
 Each stage runs in its own process, so its peak resident memory is its own:
 
@@ -94,14 +94,15 @@ def grow_catalog(work_dir: str, size: int, users: int, folder: str, seed: int = 
 
 
 def load_catalog(work_dir: str, folder: str) -> tuple[Any, dict]:
-    """The Recommender over a grown catalog (the work folder's scorer, priors of the synthetic log)
-    and the log's user sequences."""
+    """The Recommender over a grown catalog (the work folder's scorer and its second stage, priors of
+    the synthetic log) and the log's user sequences."""
     from profilerec.data import storage
     from profilerec.data.schema import Event
     from profilerec.model.index import ItemIndex
     from profilerec.model.priors import item_priors
     from profilerec.model.recommend import Recommender, load_profile_params, scorer_folder
     from profilerec.model.scorer import load_scorer
+    from profilerec.model.second_stage import load_second_stage
 
     items = storage.read_table(os.path.join(folder, "items.parquet"))
     index = ItemIndex(items.column("item_id").to_pylist(), np.load(os.path.join(folder, "vectors.npy")),
@@ -114,7 +115,8 @@ def load_catalog(work_dir: str, folder: str) -> tuple[Any, dict]:
     model = storage.join(work_dir, "model")
     priors = item_priors(sequences, index)
     scorer = load_scorer(scorer_folder(model), index.item_ids, index.vectors, priors)
-    return Recommender(index, load_profile_params(model), priors=priors, scorer=scorer), sequences
+    return Recommender(index, load_profile_params(model), priors=priors, scorer=scorer,
+                       second_stage=load_second_stage(scorer_folder(model))), sequences
 
 
 def last_item_cases(sequences: dict, n: int) -> list:
