@@ -92,9 +92,9 @@ class ItemPriors:
         either row is -1 or the pair was never counted)."""
         a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
         keys = np.maximum(a, 0) * self.num_items + np.maximum(b, 0)
-        at = np.minimum(np.searchsorted(self.pair_keys, keys), max(len(self.pair_keys) - 1, 0))
         if not len(self.pair_keys):
             return np.zeros(keys.shape, dtype=np.float32)
+        at = np.minimum(np.searchsorted(self.pair_keys, keys), len(self.pair_keys) - 1)
         found = (self.pair_keys[at] == keys) & (a >= 0) & (b >= 0)
         return np.where(found, self.counts[at], 0.0).astype(np.float32)
 
