@@ -176,7 +176,8 @@ class ScorerConfig:
 class SecondStageConfig:
     """The second stage (model/second_stage.py): a small network that reorders the scorer's top
     items, fitted on the cases of the training job's `eval_split` once the scorer's epochs are
-    chosen. Its settings were chosen by folds of Amazon Industrial's valid split (docs/results)."""
+    chosen. Its settings are the ones measured on folds of Amazon Industrial's valid split, not tuned
+    further (docs/results)."""
 
     depth: int = setting(50, "first-stage items it reorders; 0: no second stage (the scorer's order)")
     hidden: int = setting(32, "units of its hidden layer")
