@@ -4,10 +4,11 @@ training's validation and the quality benchmark."""
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from profilerec.model.index import best_rows
+from profilerec.model.profile import ProfileState
 from profilerec.model.recommend import Recommender
 from profilerec.model.replay import Case, case_states, target_rows
 
@@ -46,24 +47,35 @@ def case_chunk(items: int) -> int:
     return max(1, min(1024, SCORES_PER_CHUNK // max(items, 1)))
 
 
+def scored_chunks(recommender: Recommender, cases: Sequence[Case], targets: np.ndarray
+                  ) -> Iterator[tuple[slice, list[ProfileState], np.ndarray, np.ndarray]]:
+    """The cases a chunk at a time (case_chunk: memory stays bounded however many cases and items
+    there are): their positions, profile states, scores over every item (the first stage) and the
+    rank of each target under those scores (`targets`: item rows; unknown ones rank last)."""
+    n = len(recommender.index)
+    chunk = case_chunk(n)
+    for start in range(0, len(cases), chunk):
+        part = slice(start, start + chunk)
+        states = case_states(cases[part], recommender.vector_of, recommender.params, recommender.index.meta)
+        scores = recommender.scores(states)
+        known = targets[part] >= 0
+        ranks = np.full(len(states), n, dtype=np.int64)
+        ranks[known] = target_ranks(scores[known], targets[part][known])
+        yield part, states, scores, ranks
+
+
 def case_ranks(recommender: Recommender, cases: Sequence[Case]) -> np.ndarray:
     """0-based rank of each case's target among all items (items unknown to the index rank last),
     in the order `Recommender.recommend` lists them: with a second stage, the first stage's top
     items in its order, then the rest."""
     targets = target_rows(cases, recommender.index.row)
-    ranks = np.full(len(cases), len(recommender.index), dtype=np.int64)
-    chunk = case_chunk(len(recommender.index))
-    for start in range(0, len(cases), chunk):
-        part = slice(start, start + chunk)
-        # states a chunk at a time too: memory stays at a chunk of profiles however many cases there are
-        states = case_states(cases[part], recommender.vector_of, recommender.params, recommender.index.meta)
-        known = targets[part] >= 0
-        scores = recommender.scores(states)
-        ranks[part][known] = target_ranks(scores[known], targets[part][known])
+    ranks = np.empty(len(cases), dtype=np.int64)
+    for part, states, scores, first in scored_chunks(recommender, cases, targets):
         if recommender.reranks():
-            depth = recommender.rerank_depth(0)
+            depth = recommender.second_stage.depth
             lists = recommender.reranked_top(states, first_stage_lists(scores, depth), depth)
-            ranks[part] = listed_ranks(lists, targets[part], ranks[part])
+            first = listed_ranks(lists, targets[part], first)
+        ranks[part] = first
     return ranks
 
 
@@ -93,10 +105,7 @@ def two_stage_ranks(recommender: Recommender, cases: Sequence[Case], depth: int 
         part = slice(start, start + 1024)
         states = case_states(cases[part], recommender.vector_of, recommender.params, recommender.index.meta)
         tops = recommender.two_stage_top(states, depth, [[] for _ in states])
-        for i, (rows, _) in enumerate(tops):
-            found = np.flatnonzero(rows == targets[part][i])
-            if targets[part][i] >= 0 and len(found):
-                ranks[start + i] = found[0]
+        ranks[part] = listed_ranks(tops, targets[part], ranks[part])
     return ranks
 
 

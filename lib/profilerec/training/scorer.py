@@ -289,7 +289,6 @@ def train_loop(config: dict[str, Any]) -> None:
     every epoch; the last checkpoint holds the final scorer."""
 
     cfg = from_dict(TrainConfig, config["cfg"])
-    check_train_config(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     worker_threads(cfg.threads_per_worker)

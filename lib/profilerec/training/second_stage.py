@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from profilerec.config import SecondStageConfig
-from profilerec.model.ranking import case_chunk, first_stage_lists, ranking_metrics, target_ranks
+from profilerec.model.ranking import first_stage_lists, ranking_metrics, scored_chunks
 from profilerec.model.recommend import Recommender
-from profilerec.model.replay import Case, case_states, target_rows
+from profilerec.model.replay import Case, target_rows
 from profilerec.model.second_stage import FEATURES, SecondStage
 from torch import nn
 
@@ -44,22 +44,16 @@ def listed_cases(recommender: Recommender, cases: Sequence[Case], depth: int) ->
     (Recommender.second_stage_features: what serving computes); a case whose target the index does
     not know ranks last."""
     targets = target_rows(cases, recommender.index.row)
-    n = len(recommender.index)
-    depth = min(depth, n)
+    depth = min(depth, len(recommender.index))
     features = np.zeros((len(cases), depth, len(FEATURES)), dtype=np.float32)
     labels = np.full(len(cases), -1, dtype=np.int64)
-    ranks = np.full(len(cases), n, dtype=np.int64)
-    chunk = case_chunk(n)
-    for start in range(0, len(cases), chunk):
-        part = slice(start, start + chunk)
-        states = case_states(cases[part], recommender.vector_of, recommender.params, recommender.index.meta)
-        scores = recommender.scores(states)
+    ranks = np.empty(len(cases), dtype=np.int64)
+    for part, states, scores, first_ranks in scored_chunks(recommender, cases, targets):
+        ranks[part] = first_ranks
         lists = first_stage_lists(scores, depth)
         rows, first = np.stack([r for r, _ in lists]), np.stack([s for _, s in lists])
         features[part] = recommender.second_stage_features(states, rows, first)
-        known = targets[part] >= 0
-        ranks[part][known] = target_ranks(scores[known], targets[part][known])
-        on_list = (rows == targets[part][:, None]) & known[:, None]
+        on_list = (rows == targets[part][:, None]) & (targets[part] >= 0)[:, None]
         labels[part] = np.where(on_list.any(1), on_list.argmax(1), -1)
     return ListedCases(features, labels, ranks)
 
