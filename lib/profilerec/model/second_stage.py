@@ -67,7 +67,6 @@ def rerank_features(rows: np.ndarray, scores: np.ndarray, window: np.ndarray, it
     b, r = rows.shape
     present = window >= 0
     win = np.maximum(window, 0)
-    newest, has_newest = win[:, -1], present[:, -1]
     cand = items[rows]  # [B, R, D]
     sims = (cand @ items[win].transpose(0, 2, 1)) * present[:, None, :]  # [B, R, W]
     length = present.sum(1)
@@ -82,13 +81,13 @@ def rerank_features(rows: np.ndarray, scores: np.ndarray, window: np.ndarray, it
     same = (rows[:, :, None] == window[:, None, :])
     out[..., 7] = same.sum(-1)
     out[..., 8] = same[..., -1]
-    newest_rows = np.broadcast_to(np.where(has_newest, newest, -1)[:, None], (b, r))
     window_rows = np.broadcast_to(window[:, None, :], (b, r, window.shape[1]))
     cand_rows = np.broadcast_to(rows[:, :, None], window_rows.shape)
-    out[..., 9] = np.log1p(priors.pair_counts(newest_rows, rows))
-    out[..., 10] = np.log1p(priors.pair_counts(window_rows, cand_rows).sum(-1))
-    out[..., 11] = np.log1p(priors.pair_counts(rows, newest_rows))
-    out[..., 12] = np.log1p(priors.pair_counts(cand_rows, window_rows).sum(-1))
+    # [2, B, R, W] the transition counts window item -> item and item -> window item, in one lookup
+    # (the window's last slot holds the newest item)
+    counts = priors.pair_counts(np.stack([window_rows, cand_rows]), np.stack([cand_rows, window_rows]))
+    out[..., 9], out[..., 11] = np.log1p(counts[..., -1])
+    out[..., 10], out[..., 12] = np.log1p(counts.sum(-1))
     brand = brands[rows]
     window_brands = np.where(present, brands[win], -1)
     out[..., 13] = (brand >= 0) & (brand == window_brands[:, -1:])
