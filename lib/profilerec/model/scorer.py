@@ -46,8 +46,10 @@ SLOT_FEATURES = 2
 PROJECTED_ROWS = 1 << 15  # items projected at a time by projected_items
 # items lifted by their popularity that one two-stage ranking scores at most beyond its candidates
 # (recommend.py): past it, the ranking may miss an item that only its popularity places (a bound
-# on the cost). FrozenScorer keeps the vectors of that many most popular items in one block.
-LIFTED_LIMIT = 10_000
+# on the cost). FrozenScorer keeps the vectors of that many most popular items in one block. On a
+# large catalog of items with few events each, most rankings reach the bound: each further
+# thousand items read costs more per request than the rare item it places (docs/benchmarks.md)
+LIFTED_LIMIT = 3_000
 
 
 @dataclass
