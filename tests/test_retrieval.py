@@ -119,18 +119,15 @@ def _exact_and_two_stage(recommender: Recommender, states: list[ProfileState], n
     return exact, two_stage
 
 
-def _same_answers(a: list[list[dict]], b: list[list[dict]], atol: float = 1e-6) -> None:
+def _same_answers(a: list[list[dict]], b: list[list[dict]], recommender: Recommender) -> None:
     """The same items in the same order, with the same scores up to float rounding (a product
-    over a few rows adds up in another order than one over all of them; a second stage's network
-    carries that rounding into its own scores: `atol` 1e-5 there)."""
+    over a few rows adds up in another order than one over all of them; `recommender`'s second
+    stage, when it has one, carries that rounding into its own scores)."""
     assert [[item["item_id"] for item in answer] for answer in a] == [[item["item_id"] for item in answer]
                                                                        for answer in b]
     np.testing.assert_allclose([item["score"] for answer in a for item in answer],
-                               [item["score"] for answer in b for item in answer], rtol=1e-5, atol=atol)
-
-
-def _tolerance(recommender: Recommender) -> float:
-    return 1e-5 if recommender.second_stage is not None else 1e-6
+                               [item["score"] for answer in b for item in answer], rtol=1e-5,
+                               atol=1e-5 if recommender.second_stage is not None else 1e-6)
 
 
 @pytest.fixture(params=["scorer", "zero-shot", "second stage"], scope="module")
@@ -144,7 +141,7 @@ def served(request):
 @pytest.mark.parametrize("search", ["exact", "ivf"])
 def test_two_stage_returns_what_scoring_every_item_returns(served, search):
     exact, two_stage = _exact_and_two_stage(*served, nearest=100, search=search, k=10)
-    _same_answers(two_stage, exact, _tolerance(served[0]))
+    _same_answers(two_stage, exact, served[0])
     assert all(len(answer) == 10 for answer in two_stage)
 
 
@@ -153,7 +150,7 @@ def test_two_stage_holds_the_items_that_reverse_transitions_lift(search):
     # strong enough to lift items far from the user vector into the top 10
     recommender, states = _recommender(True, reverse=8.0)
     exact, two_stage = _exact_and_two_stage(recommender, states, nearest=100, search=search, k=10)
-    _same_answers(two_stage, exact)
+    _same_answers(two_stage, exact, recommender)
     # some of those items are none of the other candidates: not near, not popular, no transition
     matrix = recommender.item_matrix()
     popular = set(recommender.popular_rows()[:50].tolist())
@@ -191,7 +188,7 @@ def test_items_the_vector_search_misses_are_candidates_too(popularity, monkeypat
         nearest = set(ExactNearest(matrix).search(parts.user, 10)[0].tolist())
         far += sum(recommender.index.row(item["item_id"]) not in nearest for item in ex)
     assert far > 0  # the full ranking has items outside the 10 nearest...
-    _same_answers(two_stage, exact)  # ...and the two-stage lists have them too
+    _same_answers(two_stage, exact, recommender)  # ...and the two-stage lists have them too
     if popularity > 1:  # where popularity places items, the lifted ones are what finds them
         monkeypatch.setattr(recommend, "LIFTED_LIMIT", 0)
         _, unlifted = _exact_and_two_stage(recommender, states, nearest=10, popular=0, k=10)
@@ -223,7 +220,7 @@ def test_the_popular_items_are_scored_from_their_block_as_candidates_are_scored(
 def test_filters_and_exclusions_hold_as_in_the_full_ranking(served, request_args, search):
     recommender, states = served
     exact, two_stage = _exact_and_two_stage(recommender, states, nearest=100, search=search, k=10, **request_args)
-    _same_answers(two_stage, exact, _tolerance(recommender))
+    _same_answers(two_stage, exact, recommender)
     index = recommender.index
     for state, answer in zip(states, two_stage):
         for item in answer:
@@ -294,7 +291,7 @@ def test_items_added_while_serving_are_retrievable_at_once(with_scorer):
     top = recommender.recommend(states[0], k=10)
     assert "fresh" in [item["item_id"] for item in top]
     recommender.retrieval = None
-    _same_answers([recommender.recommend(states[0], k=10)], [top])
+    _same_answers([recommender.recommend(states[0], k=10)], [top], recommender)
 
 
 def test_the_codes_candidates_are_reranked_by_the_exact_inner_product():
