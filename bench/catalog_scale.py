@@ -27,6 +27,12 @@ Each stage runs in its own process, so its peak resident memory is its own:
   retrieval.mode auto: two-stage from 100k items); the recommendation p50/p99, their ratios to the
   floor's, and the resident memory of each serving process at the end.
 
+Last, the ratios of the largest catalog's figures to the smallest's, and the catalog goals at the
+largest size, each with whether it holds: service p50 at most 1.5x its p50 at the smallest size
+and 2x the floor's, p99 at most 3x the floor's; two-stage top-10 sharing at least 0.95 with the
+exact top-10; a sampled training step at most 1.5x the smallest size's, in at most 4 GiB; at most
+1 GiB of anonymous memory in an Ingress replica (its own: the item vectors it maps are the node's).
+
 Results: docs/benchmarks.md.
 """
 
@@ -40,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -325,7 +331,37 @@ def main() -> None:
             a, b = results[small].get(stage, {}).get(key), results[large].get(stage, {}).get(key)
             if a and b:
                 print(f"  {stage:14s} {key:18s} {b / a:6.2f}x")
+    if sizes:
+        print_goals(results, sizes[0], sizes[-1])
 
+
+def print_goals(results: dict[int, dict[str, Any]], small: int, large: int) -> None:
+    """The catalog goals (the docstring's figures, docs/benchmarks.md) against this run's at the
+    largest size, each with whether it holds; a goal whose stages did not run is left out."""
+    def at(size: int, stage: str, key: str) -> Any:
+        return results[size].get(stage, {}).get(key)
+
+    def grown(stage: str, key: str) -> Optional[float]:
+        a, b = at(small, stage, key), at(large, stage, key)
+        return b / a if a and b and small != large else None
+
+    memory = at(large, "serve", "Ingress MiB resident/private/anonymous")
+    rss = at(large, "train-sampled", "peak RSS MiB")
+    goals = [  # (what, figure or None, at most (True) or at least, limit)
+        (f"service p50 at {large:,} / at {small:,} items", grown("serve", "recommend p50 ms"), True, 1.5),
+        ("service p50 / the floor's p50", at(large, "serve", "p50 / floor"), True, 2.0),
+        ("service p99 / the floor's p99", at(large, "serve", "p99 / floor"), True, 3.0),
+        ("two-stage top-10 in common with exact", at(large, "recommend", "top-10 agreement"), False, 0.95),
+        (f"sampled training step at {large:,} / at {small:,}", grown("train-sampled", "s/step"), True, 1.5),
+        ("sampled training: peak RSS GiB", rss / 1024 if rss else None, True, 4.0),
+        ("largest Ingress: anonymous memory GiB", int(memory.split("/")[2]) / 1024 if memory else None, True, 1.0),
+    ]
+    print(f"\ngoals at {large:,} items:")
+    for what, figure, at_most, limit in goals:
+        if figure is not None:
+            holds = figure <= limit if at_most else figure >= limit
+            print(f"  {what:50s} {figure:6.3f}  goal {'<=' if at_most else '>='} {limit:g}: "
+                  f"{'holds' if holds else 'MISSED'}")
 
 if __name__ == "__main__":
     main()
