@@ -79,7 +79,9 @@ def test_profiles_and_evaluate_jobs_stream_to_the_whole_log_results(prepared, mo
     popularity = storage.read_table(str(tmp / "profiles" / "popularity.parquet"))
     assert pc.sum(popularity.column("count")).as_py() == data.events.num_rows  # every item is in the index
 
-    report = run_evaluate(EvaluateConfig(**folders, output=str(tmp / "report"), workers=2))
+    # no index yet (retrieval.index's default is the checkout's work/, which a demo run fills)
+    report = run_evaluate(EvaluateConfig(**folders, output=str(tmp / "report"), workers=2,
+                                         retrieval=RetrievalConfig(index=str(tmp / "index"))))
     cases = list(iter_cases(sequences, data.cases, ["test"], data.max_history))
     whole = split_recommender(data, sequences, str(tmp / "embeddings"), "test")
     assert report["cases"] == len(cases) > 30

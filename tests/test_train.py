@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 from profilerec.batch.evaluate import run_evaluate
-from profilerec.config import EvaluateConfig, SecondStageConfig, TrainConfig, from_dict
+from profilerec.config import EvaluateConfig, RetrievalConfig, SecondStageConfig, TrainConfig, from_dict
 from profilerec.data import storage
 from profilerec.data.datasets import read_prepared
 from profilerec.data.schema import TITLE_REPEATS
@@ -60,7 +60,8 @@ def test_the_saved_scorer_is_what_the_recommender_loads(tiny_work):
 
 def test_evaluation_reports_baselines_and_refuses_a_split_the_scorer_learned(tiny_work, tmp_path):
     cfg = EvaluateConfig(input=str(tiny_work / "prepared"), embeddings=str(tiny_work / "embeddings"),
-                         model=str(tiny_work / "model"), output=str(tmp_path / "report"), split="test")
+                         model=str(tiny_work / "model"), output=str(tmp_path / "report"), split="test",
+                         retrieval=RetrievalConfig(index=str(tmp_path / "no-index")))  # not the checkout's work/
     report = run_evaluate(cfg)
     assert list(report["methods"]) == ["popularity", "zero-shot profile", "profilerec"]
     with pytest.raises(ConfigError, match="trained on the targets of \\['valid'\\]"):
