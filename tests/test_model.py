@@ -10,13 +10,8 @@ from profilerec.data.schema import Event
 from profilerec.model.index import ItemIndex
 from profilerec.model.priors import grown_priors, item_priors, read_priors, write_priors
 from profilerec.model.profile import ProfileParams, ProfileState, apply_event
-from profilerec.model.scorer import (
-    ProfileScorer,
-    item_graphs,
-    load_scorer,
-    save_scorer,
-    scorer_batch,
-)
+from profilerec.model.scorer import ProfileScorer, item_graphs, load_scorer, save_scorer
+from profilerec.model.scorer_inputs import scorer_batch
 from profilerec.training.scorer import scorer_optimizer
 
 ITEMS = [f"i{n}" for n in range(6)]

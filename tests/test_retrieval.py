@@ -11,9 +11,9 @@ from profilerec.config import ScorerConfig
 from profilerec.data import storage
 from profilerec.data.schema import ITEMS_SCHEMA, Event
 from profilerec.errors import DataError
-from profilerec.model import ann, recommend, row_sets
-from profilerec.model import scorer as scorer_module
+from profilerec.model import ann, frozen_scorer, recommend, row_sets
 from profilerec.model.ann import build_ivf, exact_rerank, read_index, read_manifest, write_index
+from profilerec.model.frozen_scorer import ScoreParts, frozen_parts, frozen_popular_scores, frozen_row_scores
 from profilerec.model.index import ItemIndex
 from profilerec.model.priors import item_priors
 from profilerec.model.profile import ProfileParams, ProfileState, apply_event
@@ -21,14 +21,8 @@ from profilerec.model.ranking import case_ranks
 from profilerec.model.recommend import Recommender
 from profilerec.model.replay import Case, case_states
 from profilerec.model.retrieval import ExactNearest, Retrieval
-from profilerec.model.scorer import (
-    ProfileScorer,
-    ScoreParts,
-    frozen_parts,
-    frozen_popular_scores,
-    frozen_row_scores,
-    scorer_batch,
-)
+from profilerec.model.scorer import ProfileScorer
+from profilerec.model.scorer_inputs import scorer_batch
 from profilerec.model.second_stage import FEATURES, SecondStage
 
 N, DIM = 3000, 16
@@ -196,7 +190,7 @@ def test_items_the_vector_search_misses_are_candidates_too(popularity, monkeypat
 
 
 def test_the_popular_items_are_scored_from_their_block_as_candidates_are_scored(monkeypatch):
-    monkeypatch.setattr(scorer_module, "LIFTED_LIMIT", 300)  # a block of part of the catalog
+    monkeypatch.setattr(frozen_scorer, "LIFTED_LIMIT", 300)  # a block of part of the catalog
     recommender, states = _recommender(True, 4.0)
     frozen = recommender.scorer.frozen()
     user = recommender.score_parts([next(s for s in states if s.recent)]).user

@@ -13,7 +13,9 @@ from profilerec.model.index import ItemIndex
 from profilerec.model.priors import item_priors
 from profilerec.model.profile import ProfileParams, ProfileState, apply_event
 from profilerec.model.ranking import target_ranks
-from profilerec.model.scorer import ProfileScorer, full_softmax_loss, sampled_softmax_loss, scorer_batch
+from profilerec.model.scorer import ProfileScorer
+from profilerec.model.scorer_inputs import scorer_batch
+from profilerec.training.losses import full_softmax_loss, sampled_softmax_loss
 from profilerec.training.scorer import CaseTensors, NegativeSampler, model_metrics, train_epoch, training_loss
 
 DIM = 16

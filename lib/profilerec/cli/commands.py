@@ -256,7 +256,7 @@ def check_finetune(cfg: FinetuneConfig, prefix: str = "", prepared: bool = True)
 
 def check_train(cfg: TrainConfig, prefix: str = "", inputs: bool = True) -> None:
     """The prepared data and embeddings (unless a workflow makes them first) and the splits."""
-    from profilerec.model.scorer import LOSSES
+    from profilerec.training.losses import LOSSES
 
     _check_ray_train(cfg, prefix)
     checks.check_positive(cfg.epochs, f"{prefix}epochs")

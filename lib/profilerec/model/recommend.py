@@ -23,6 +23,13 @@ from profilerec.data.learned import ITEMS_LOG, TEXTS_LOG, VectorLog
 from profilerec.data.schema import Event
 from profilerec.model.ann import read_manifest
 from profilerec.model.encoder import text_hash
+from profilerec.model.frozen_scorer import (
+    LIFTED_LIMIT,
+    ScoreParts,
+    frozen_parts,
+    frozen_popular_scores,
+    frozen_row_scores,
+)
 from profilerec.model.index import ItemIndex, best_rows, shared_index
 from profilerec.model.priors import ItemPriors, empty_priors, grown_priors
 from profilerec.model.profile import (
@@ -35,18 +42,8 @@ from profilerec.model.profile import (
 )
 from profilerec.model.retrieval import Retrieval, configured_retrieval, index_retrieval, unheld_changes
 from profilerec.model.row_sets import distinct, member
-from profilerec.model.scorer import (
-    LIFTED_LIMIT,
-    SCORER_META,
-    ProfileScorer,
-    ScoreParts,
-    frozen_parts,
-    frozen_popular_scores,
-    frozen_row_scores,
-    load_scorer,
-    scorer_batch,
-    scorer_exists,
-)
+from profilerec.model.scorer import SCORER_META, ProfileScorer, load_scorer, scorer_exists
+from profilerec.model.scorer_inputs import scorer_batch
 from profilerec.model.second_stage import SecondStage, load_second_stage, rerank_features
 from profilerec.model.text_vectors import TextVectors, empty_text_vectors, load_text_vectors
 

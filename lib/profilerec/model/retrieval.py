@@ -13,7 +13,7 @@ A profile's candidates are
   followed them in the log (transitions), and with `reverse_transitions` the items that preceded
   them.
 
-The scorer then scores the candidates only (scorer.frozen_row_scores). An item outside them gets
+The scorer then scores the candidates only (frozen_scorer.frozen_row_scores). An item outside them gets
 the dense term alone (its similarity to the user plus its popularity), and its similarity is at
 most the lowest among the nearest found (`Candidates.reach`). So only an item whose popularity
 term alone makes up the gap to the K-th candidate's score can beat it: the recommender adds those,
@@ -30,8 +30,8 @@ import numpy as np
 from profilerec.config import RETRIEVAL_MODES, RetrievalConfig
 from profilerec.errors import ConfigError
 from profilerec.model.ann import index_exists, read_index, read_manifest
+from profilerec.model.frozen_scorer import ScoreParts
 from profilerec.model.row_sets import distinct, member
-from profilerec.model.scorer import ScoreParts
 
 # the changes made to a catalog's items, in order: (the items log's fingerprint after the file that
 # made the change, None for a change from elsewhere; the item rows it added or changed)

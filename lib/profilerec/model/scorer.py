@@ -1,4 +1,4 @@
-"""The trainable parts and their losses.
+"""The profile scorer: the trainable model of a profile's score for every item.
 
 ProfileScorer turns a profile (profile.py's state: the recent window and the long/short interest
 vectors) into a score for every item. It adds, as logits on one scale:
@@ -15,20 +15,16 @@ vectors) into a score for every item. It adds, as logits on one scale:
 
 Every part is O(window) per user plus one matmul over the items, or over a subset of them: the
 candidates of two-stage retrieval (retrieval.py; `frozen_row_scores`) and the sampled negatives of
-training on a large catalog (`forward(rows=...)`, `sampled_softmax_loss`). The module trains with torch
-(gradients, GPU); `ProfileScorer.predict` runs the same math in numpy on the frozen weights
-(`FrozenScorer`) for evaluation and serving, where a request scores one user and torch's
-per-operation overhead was most of its cost (`tests/test_model.py` holds both to the same
-scores). Encoder fine-tuning keeps its contrastive loss below.
+training on a large catalog (`forward(rows=...)`; training/losses.py). The module trains with
+torch (gradients, GPU); `ProfileScorer.predict` runs the same math in numpy on the frozen weights
+(frozen_scorer.py) for evaluation and serving. Saving and loading a trained scorer are here too.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import math
-from dataclasses import dataclass, fields
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -36,58 +32,16 @@ import torch
 import torch.nn.functional as F
 from profilerec.config import ScorerConfig, from_dict, to_dict
 from profilerec.data import storage
+from profilerec.model.frozen_scorer import FrozenScorer, frozen_scores
 from profilerec.model.priors import ItemPriors
-from profilerec.model.profile import ProfileParams, ProfileState, interest_vectors, window_features
+from profilerec.model.profile import ProfileParams
+from profilerec.model.scorer_inputs import ScorerBatch
 from profilerec.model.shared_rows import set_rows, shared_rows
 from torch import nn
 
 # features the attention reads per window slot besides the item vector: time gap, event weight
 SLOT_FEATURES = 2
 PROJECTED_ROWS = 1 << 15  # items projected at a time by projected_items
-# items lifted by their popularity that one two-stage ranking scores at most beyond its candidates
-# (recommend.py): past it, the ranking may miss an item that only its popularity places (a bound
-# on the cost). FrozenScorer keeps the vectors of that many most popular items in one block. On a
-# large catalog of items with few events each, most rankings reach the bound: each further
-# thousand items read costs more per request than the rare item it places (docs/benchmarks.md)
-LIFTED_LIMIT = 3_000
-
-
-@dataclass
-class ScorerBatch:
-    """The model inputs for a batch of profiles (tensors, see `scorer_batch`)."""
-
-    items: torch.Tensor  # [B, W] item rows, -1 = empty slot (right-aligned, newest last)
-    types: torch.Tensor  # [B, W]
-    weights: torch.Tensor  # [B, W]
-    gaps: torch.Tensor  # [B, W]
-    positions: torch.Tensor  # [B, W] 0 = newest
-    mask: torch.Tensor  # [B, W] bool
-    long: torch.Tensor  # [B, D] (zeros for an empty profile)
-    short: torch.Tensor  # [B, D]
-
-    def to(self, device: Any) -> "ScorerBatch":
-        """The same batch on `device`."""
-        return ScorerBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
-
-
-def scorer_batch(states: Sequence[ProfileState], row_of, params: ProfileParams, scorer_params: ScorerConfig,
-                 dim: int) -> ScorerBatch:
-    """Turn profile states into model inputs (the one conversion training and serving share)."""
-    type_ids = {t: i + 1 for i, t in enumerate(scorer_params.types)}  # 0 = other
-    win = window_features(states, row_of, params, type_ids)
-    long = np.zeros((len(states), dim), dtype=np.float32)
-    short = np.zeros((len(states), dim), dtype=np.float32)
-    for b, state in enumerate(states):
-        lv, sv = interest_vectors(state)
-        if lv is not None:
-            long[b] = lv
-            short[b] = sv if sv is not None else lv
-    return ScorerBatch(
-        items=torch.from_numpy(win["items"]), types=torch.from_numpy(win["types"]),
-        weights=torch.from_numpy(win["weights"]), gaps=torch.from_numpy(win["gaps"]),
-        positions=torch.from_numpy(win["positions"]), mask=torch.from_numpy(win["mask"]),
-        long=torch.from_numpy(long), short=torch.from_numpy(short),
-    )
 
 
 class ProfileScorer(nn.Module):
@@ -230,7 +184,7 @@ class ProfileScorer(nn.Module):
         self._frozen = self._items = None
         return super().load_state_dict(*args, **kwargs)
 
-    def frozen(self) -> "FrozenScorer":
+    def frozen(self) -> FrozenScorer:
         """The eval-mode weights numpy scores with (made on the first call after loading,
         training or a catalog change)."""
         if self._frozen is None:
@@ -383,62 +337,6 @@ def reverse_transitions(priors: ItemPriors) -> tuple[np.ndarray, np.ndarray, np.
     return indptr, source[order].astype(np.int64), counts, totals[later]
 
 
-@dataclass(frozen=True)
-class FrozenScorer:
-    """A ProfileScorer's weights as numpy arrays, folded for inference (see `frozen_scores`).
-
-    Made once per loaded scorer: one-user scoring is a few dozen small operations, and each
-    torch operation costs microseconds of dispatch that numpy does not. The shard's CPU per
-    recommendation fell by about a third with it (`bench/serve_bench.py` prints it by process).
-    """
-
-    params: ScorerConfig
-    items: np.ndarray  # [N, D] unit item vectors: projected text plus ID embedding
-    popularity: np.ndarray  # [N] the popularity logit, a constant while the priors do not change
-    query_key: np.ndarray  # [D, D] W_q^T W_k: the newest item straight to the key-side query
-    query_key_bias: np.ndarray  # [D] b_q W_k
-    query_bias: np.ndarray  # [D] W_q^T b_k: the newest item's term of the key bias
-    query_bias_const: float  # b_q . b_k
-    proj_t: np.ndarray  # [D, D]
-    pos_emb: np.ndarray  # [W, D]
-    type_emb: np.ndarray  # [types + 1, D]
-    slot_weight_t: np.ndarray  # [SLOT_FEATURES, D]
-    slot_bias: np.ndarray  # [D]
-    mix: np.ndarray  # [4]
-    scale: float  # exp of the learned log-scale
-    repeat: np.ndarray  # [W]
-    trans: np.ndarray  # [W, 2]
-    t_indptr: np.ndarray  # CSR of the transitions, as in ItemPriors
-    t_indices: np.ndarray
-    t_features: np.ndarray  # [nnz, 2] log1p(count) and count / max(total, 1): the transition features
-    user_map_t: Optional[np.ndarray] = None  # [D, D] the user transform, transposed (user_transform)
-    # the other item graphs (item_graphs): (indptr, indices, features as t_features, weights [W, 2]) each
-    more_graphs: tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], ...] = ()
-
-    @functools.cached_property
-    def items_t(self) -> np.ndarray:
-        """[D, N] `items` transposed and contiguous: the one-user product over all items reads memory
-        in order. Made on the first full scoring: two-stage scoring never needs it, and at a million
-        items it is as large as `items`."""
-        return np.ascontiguousarray(self.items.T)
-
-    @functools.cached_property
-    def by_popularity(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every item row by decreasing popularity term (ties by row), and those terms negated in
-        float64 (ascending, for searchsorted): where two-stage retrieval looks for the items only
-        their popularity could place (recommend.py). Made on first use."""
-        order = np.lexsort((np.arange(len(self.popularity)), -self.popularity))
-        return order, -self.popularity[order].astype(np.float64)
-
-    @functools.cached_property
-    def popular_items(self) -> np.ndarray:
-        """[LIFTED_LIMIT, D] (all rows of a smaller catalog) the `items` rows of the first rows of
-        `by_popularity`, contiguous: the items two-stage retrieval lifts by their popularity are a
-        prefix of that order, and one product with a block in order costs a fraction of gathering
-        as many rows from a large catalog (frozen_popular_scores). Made on first use."""
-        return np.ascontiguousarray(self.items[self.by_popularity[0][:LIFTED_LIMIT]])
-
-
 def frozen_scorer(model: ProfileScorer) -> FrozenScorer:
     """The eval-mode weights of `model`, on the CPU, folded as FrozenScorer describes."""
     with torch.no_grad():
@@ -474,165 +372,6 @@ def frozen_scorer(model: ProfileScorer) -> FrozenScorer:
 def transition_features(counts: np.ndarray, totals: np.ndarray) -> np.ndarray:
     """[nnz, 2] log1p(count) and count / max(total, 1): what the transition weights multiply."""
     return np.stack([np.log1p(counts), counts / np.maximum(totals, 1.0)], axis=-1).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class ScoreParts:
-    """A batch's scores taken apart: a dense term every item gets (the user vector against the
-    item's, plus its popularity) and sparse terms only some items get (repeats of window items,
-    transitions from them). Retrieval searches by `user` and adds `rows` to the candidates, so the
-    candidates hold every item whose score has more than the dense term."""
-
-    user: np.ndarray  # [B, D] unit user vectors
-    b_idx: np.ndarray  # [S] the profile each sparse term belongs to
-    rows: np.ndarray  # [S] the item row it adds to
-    values: np.ndarray  # [S] what it adds
-
-    def of(self, b: int) -> "ScoreParts":
-        """The parts of profile `b` alone."""
-        mine = self.b_idx == b
-        return ScoreParts(self.user[b:b + 1], np.zeros(int(mine.sum()), dtype=np.int64), self.rows[mine],
-                          self.values[mine])
-
-
-def frozen_parts(f: FrozenScorer, batch: ScorerBatch) -> ScoreParts:
-    """The user vectors and sparse terms of ProfileScorer.forward in eval mode, step for step."""
-    p = f.params
-    win = {field.name: getattr(batch, field.name).cpu().numpy() for field in fields(batch)}
-    mask = win["mask"]
-    slots = f.items[np.maximum(win["items"], 0)] * (np.sign(win["weights"]) * mask)[..., None]  # [B, W, D]
-    newest = slots[:, -1]
-    parts = [newest]
-    if p.attention:
-        slot_inputs = (slots + f.pos_emb[win["positions"]] + f.type_emb[win["types"]]
-                       + np.stack([win["gaps"], win["weights"]], -1) @ f.slot_weight_t + f.slot_bias)
-        key_query = newest @ f.query_key + f.query_key_bias
-        logits = ((slot_inputs @ key_query[..., None])[..., 0] + (newest @ f.query_bias + f.query_bias_const)[:, None]
-                  ) / math.sqrt(slot_inputs.shape[-1])
-        logits = np.where(mask, logits, np.float32(-1e9))
-        attn = np.exp(logits - logits.max(-1, keepdims=True))
-        attn = attn / attn.sum(-1, keepdims=True) * mask
-        parts.append((attn[:, None, :] @ slots)[:, 0])
-    else:
-        parts.append(np.zeros_like(newest))
-    if p.interests:
-        parts += list(_unit(np.stack([win["short"], win["long"]]) @ f.proj_t))
-    else:
-        parts += [np.zeros_like(newest), np.zeros_like(newest)]
-    user = sum(w * v for w, v in zip(f.mix, parts))
-    if f.user_map_t is not None:
-        user = user @ f.user_map_t
-    user = _unit(user).astype(np.float32)
-    b_idx, p_idx = np.nonzero(mask)
-    rows, pos = win["items"][b_idx, p_idx], win["positions"][b_idx, p_idx]
-    terms = []  # (profile, item row, value) of each sparse term, in arrays
-    if p.repeat:
-        terms.append((b_idx, rows, f.repeat[pos]))
-    if p.transitions and len(rows):
-        terms.append(_graph_terms(f.t_indptr, f.t_indices, f.t_features, f.trans, b_idx, rows, pos))
-    if len(rows):
-        terms += [_graph_terms(*graph, b_idx, rows, pos) for graph in f.more_graphs]
-    return ScoreParts(user, _joined([t[0] for t in terms], np.int64), _joined([t[1] for t in terms], np.int64),
-                      _joined([t[2] for t in terms], np.float32))
-
-
-def _graph_terms(indptr: np.ndarray, indices: np.ndarray, features: np.ndarray, weights: np.ndarray,
-                 b_idx: np.ndarray, rows: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(profile, item row, value) of an item-item CSR's entries from each window item `rows`."""
-    starts = indptr[rows]
-    lengths = indptr[rows + 1] - starts
-    slot = np.repeat(np.arange(len(rows)), lengths)
-    nz = starts[slot] + np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return b_idx[slot], indices[nz], (features[nz] * weights[pos[slot]]).sum(-1)
-
-
-def frozen_scores(f: FrozenScorer, batch: ScorerBatch) -> np.ndarray:
-    """[B, items] scores: ProfileScorer.forward in eval mode without targets."""
-    parts = frozen_parts(f, batch)
-    scores = _dense_scores(f, parts.user, f.items_t, f.popularity)
-    np.add.at(scores, (parts.b_idx, parts.rows), parts.values)
-    return scores.astype(np.float32, copy=False)
-
-
-def frozen_row_scores(f: FrozenScorer, parts: ScoreParts, rows: np.ndarray) -> np.ndarray:
-    """[B, len(rows)] the same scores as frozen_scores, for the item `rows` only (sorted, distinct):
-    the cost grows with the rows scored, not with the catalog."""
-    scores = _dense_scores(f, parts.user, f.items[rows].T, f.popularity[rows])
-    if not len(rows):
-        return scores.astype(np.float32, copy=False)
-    at = np.searchsorted(rows, parts.rows)
-    hit = (at < len(rows)) & (rows[np.minimum(at, len(rows) - 1)] == parts.rows)
-    np.add.at(scores, (parts.b_idx[hit], at[hit]), parts.values[hit])
-    return scores.astype(np.float32, copy=False)
-
-
-def frozen_popular_scores(f: FrozenScorer, user: np.ndarray, n: int) -> np.ndarray:
-    """[n] the scores of frozen_row_scores for the first `n` rows of `f.by_popularity` (at most
-    LIFTED_LIMIT) and one user vector, for items without a sparse term (none of the profile's
-    candidates, so none of its repeats or transitions)."""
-    scores = _dense_scores(f, user, f.popular_items[:n].T, f.popularity[f.by_popularity[0][:n]])
-    return scores.astype(np.float32, copy=False)
-
-
-def _dense_scores(f: FrozenScorer, user: np.ndarray, items_t: np.ndarray, popularity: np.ndarray) -> np.ndarray:
-    """The dense term every item's score has: the scaled similarity of the user vector(s) to the
-    items (`items_t`, [D, items]) plus the items' `popularity` term."""
-    return f.scale * (user @ items_t) + popularity
-
-
-def _joined(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
-    return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype=dtype)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    """x / max(|x|, 1e-12) along the last axis, as F.normalize."""
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-# the scorer's training losses (TrainConfig.loss): auto picks one by the catalog's size
-LOSSES = ("auto", "full", "sampled")
-
-
-def full_softmax_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the target against every item (the ranking task itself)."""
-    return F.cross_entropy(logits, targets)
-
-
-def sampled_softmax_loss(logits: torch.Tensor, labels: torch.Tensor, candidates: torch.Tensor,
-                         targets: torch.Tensor, log_expected: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Cross-entropy of each case's target against sampled candidates: an estimate of
-    full_softmax_loss whose cost grows with the candidates, not with the catalog.
-
-    `logits` [B, C] are the scores of the `candidates` [C] (item rows; a row drawn twice is two
-    columns), `labels` [B] the column of each case's target, `targets` [B] its item row. Every
-    other column is a negative draw for the case, except those whose row is the case's target
-    (an accidental hit: a sampled row, or another case with the same target), which are removed:
-    the target counts only as itself.
-
-    `log_expected` [C] is log m_c, m_c the expected number of times row c is among a case's
-    negative draws. Each negative's logit gets it subtracted (the logQ correction, Yi et al. 2019,
-    as in Bengio and Senecal's importance-sampled softmax): the sum of exp(s_c - log m_c) over the
-    negative draws is then an unbiased estimate of the sum of exp(s_c) over every item c but the
-    target, the rest of the full softmax's partition. The target's own column is not corrected:
-    it is a candidate by construction, not by a draw, and its term of the partition is exact.
-    With every item once as the candidates and no correction, this is full_softmax_loss.
-    """
-    own = torch.arange(len(candidates), device=logits.device)[None, :] == labels[:, None]
-    if log_expected is not None:
-        logits = logits - torch.where(own, torch.zeros_like(logits), log_expected[None, :].to(logits.dtype))
-    hits = (candidates[None, :] == targets[:, None]) & ~own
-    return F.cross_entropy(logits.masked_fill(hits, float("-inf")), labels)
-
-
-def contrastive_loss(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
-                     temperature: float) -> torch.Tensor:
-    """Cross-entropy of each query against all `keys`, the right one being `keys[positives[i]]`.
-
-    Keys are the distinct items of the batch, so an item that is the target of several cases is
-    never a negative for any of them.
-    """
-    logits = queries @ keys.T / temperature
-    return F.cross_entropy(logits, positives)
 
 
 # parts a saved scorer does not name were added to the scorer after it was trained: it has no

@@ -1,2 +1,3 @@
-"""Training on Ray Train: the shared harness, the profile scorer, the encoder fine-tune.
+"""Training on Ray Train: the shared harness, the losses, the profile scorer and its second stage,
+the encoder fine-tune.
 Imports data, model, runtime."""

@@ -36,7 +36,6 @@ from profilerec.model.profile import ProfileParams, build_profile, event_embeddi
 from profilerec.model.ranking import case_ranks, ranking_metrics
 from profilerec.model.recommend import Recommender
 from profilerec.model.replay import Case, iter_cases, user_sequences
-from profilerec.model.scorer import contrastive_loss
 from profilerec.runtime.cluster import ProgressFn
 from profilerec.training.harness import (
     TRAIN_STATE,
@@ -48,6 +47,7 @@ from profilerec.training.harness import (
     report_progress,
     worker_threads,
 )
+from profilerec.training.losses import contrastive_loss
 
 log = logging.getLogger(__name__)
 

@@ -38,18 +38,12 @@ from profilerec.model.replay import (
     target_rows,
     user_sequences,
 )
-from profilerec.model.scorer import (
-    LOSSES,
-    ProfileScorer,
-    ScorerBatch,
-    full_softmax_loss,
-    sampled_softmax_loss,
-    save_scorer,
-    scorer_batch,
-)
+from profilerec.model.scorer import ProfileScorer, save_scorer
+from profilerec.model.scorer_inputs import ScorerBatch, scorer_batch
 from profilerec.model.second_stage import SECOND_STAGE_FILE, save_second_stage
 from profilerec.runtime.cluster import ProgressFn
 from profilerec.training.harness import TRAIN_STATE, fit_on_ray_train, read_metrics, report_progress, worker_threads
+from profilerec.training.losses import LOSSES, full_softmax_loss, sampled_softmax_loss
 from profilerec.training.second_stage import second_stage_for
 
 log = logging.getLogger(__name__)
