@@ -52,6 +52,22 @@ def ops(tiny_work, tmp_path_factory, serve_url):
     serve.delete(APP)
 
 
+def wait_restarted(ray_session, actor, pid, timeout=120):
+    """Wait until Ray has replaced the killed `actor` (its process id is no longer `pid`):
+    `ray.kill` only asks, so a call made just after it may still reach the old process."""
+    from ray.exceptions import RayActorError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if ray_session.get(actor.ping.remote()) != pid:
+                return
+        except RayActorError:
+            pass  # between the old process and the new one
+        time.sleep(0.1)
+    raise AssertionError(f"the actor was not restarted within {timeout} s")
+
+
 def post(ops, events):
     return requests.post(f"{ops['url']}/v1/events", json={"events": events}, headers=AUTH, timeout=120)
 
@@ -106,7 +122,7 @@ def test_killing_a_shard_in_a_stream_of_events_loses_no_accepted_event(ops, ray_
     assert all(status == 200 for status, _ in answers), answers
     # a call cut off by the kill is retried: its events count once, as accepted or as repeats
     assert sum(a["accepted"] + a["duplicates"] for _, a in answers) == 6 * 40
-    assert ray_session.get(victim.ping.remote()) != pid, "the shard actor was restarted"
+    wait_restarted(ray_session, victim, pid)
     live = live_states(ray_session, ops["cfg"])
     recommender = load_serving_recommender(ops["cfg"])
     by_user = {u: [Event(**e) for b in batches for e in b if e["user_id"] == u] for u in users}
@@ -192,9 +208,9 @@ def test_reverting_the_shard_count_mid_move_resumes_writes_and_removes_the_half_
     owner = ray_session.get_actor(shard_actor_name(APP, shard_of("revert-user", 2), 2), namespace=NAMESPACE)
     pid = ray_session.get(owner.ping.remote())
     ray_session.kill(owner, no_restart=False)  # restarted in the middle of the move: still retired
+    wait_restarted(ray_session, owner, pid)
     with pytest.raises(ShardRetired):
         ray_session.get(owner.apply.remote([Event(**event(ops, "revert-user", 1))]))
-    assert ray_session.get(owner.ping.remote()) != pid
     deploy(cfg)  # the operator reverts to 2 shards
     assert post(ops, [event(ops, "revert-user", 1)]).json() == {"accepted": 1, "duplicates": 0}
     assert post(ops, [event(ops, "stream-0", 100)]).json() == {"accepted": 1, "duplicates": 0}
@@ -207,13 +223,13 @@ def test_the_documented_restore_stops_the_shard_actors_and_serves_the_copy(ops, 
     from ray import serve
 
     cfg = ops["cfg"]
-    post(ops, [event(ops, "restore-user", n) for n in range(2)])
+    assert post(ops, [event(ops, "restore-user", n) for n in range(2)]).status_code == 200
     serve.delete(APP)
     stopped = stop_application_actors(APP)
     assert shard_actor_name(APP, 0, 2) in stopped and f"{APP}-layout" in stopped
     shutil.copytree(cfg.state_dir, tmp_path / "backup")
     deploy(cfg)
-    post(ops, [event(ops, "restore-user", 2)])
+    assert post(ops, [event(ops, "restore-user", 2)]).status_code == 200
     serve.delete(APP)
     stop_application_actors(APP)  # else the running shards keep, and snapshot over, the newer state
     shutil.rmtree(cfg.state_dir)
