@@ -363,5 +363,6 @@ def print_goals(results: dict[int, dict[str, Any]], small: int, large: int) -> N
             print(f"  {what:50s} {figure:6.3f}  goal {'<=' if at_most else '>='} {limit:g}: "
                   f"{'holds' if holds else 'MISSED'}")
 
+
 if __name__ == "__main__":
     main()

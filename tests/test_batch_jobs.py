@@ -182,6 +182,11 @@ def test_a_rebuilt_index_holding_the_items_learned_while_serving_is_swapped_in(p
     assert behind.retrieval.build["build_id"] == manifest["build_id"] and behind.retrieval.fresh == {n + 2}
 
 
+def refusals(caplog) -> list[str]:
+    """The warnings of an index watcher that kept its index in use."""
+    return [r.getMessage() for r in caplog.records if "keeping the index in use" in r.getMessage()]
+
+
 def test_a_serving_process_watches_its_index_folder_and_swaps_a_new_build_in(prepared, caplog):
     tmp, data = prepared
     folders = dict(input=str(tmp / "prepared"), embeddings=str(tmp / "embeddings"), model=str(tmp / "no-model"))
@@ -210,10 +215,13 @@ def test_a_serving_process_watches_its_index_folder_and_swaps_a_new_build_in(pre
         with caplog.at_level(logging.WARNING, logger="profilerec.service.shard_actors"):
             refused = run_index(IndexConfig(**{**folders, "embeddings": str(tmp / "other-embeddings")}, output=index,
                                             threads=1))
-            time.sleep(1)
+            deadline = time.monotonic() + 30
+            while not refusals(caplog) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1)  # twenty more polls of the watcher, none of which may say it again
         serving.recommend(state, k=5)
         assert serving.retrieval.build["build_id"] == rebuilt["build_id"] != refused["build_id"]
-        warnings = [r.getMessage() for r in caplog.records if "keeping the index in use" in r.getMessage()]
+        warnings = refusals(caplog)
         assert len(warnings) == 1 and "other item vectors" in warnings[0]
     finally:
         stop.set()

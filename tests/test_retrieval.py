@@ -11,7 +11,7 @@ from profilerec.config import ScorerConfig
 from profilerec.data import storage
 from profilerec.data.schema import ITEMS_SCHEMA, Event
 from profilerec.errors import DataError
-from profilerec.model import ann, frozen_scorer, recommend, row_sets
+from profilerec.model import ann, frozen_scorer, row_sets
 from profilerec.model.ann import build_ivf, exact_rerank, read_index, read_manifest, write_index
 from profilerec.model.frozen_scorer import ScoreParts, frozen_parts, frozen_popular_scores, frozen_row_scores
 from profilerec.model.index import ItemIndex
@@ -184,7 +184,8 @@ def test_items_the_vector_search_misses_are_candidates_too(popularity, monkeypat
     assert far > 0  # the full ranking has items outside the 10 nearest...
     _same_answers(two_stage, exact, recommender)  # ...and the two-stage lists have them too
     if popularity > 1:  # where popularity places items, the lifted ones are what finds them
-        monkeypatch.setattr(recommend, "LIFTED_LIMIT", 0)
+        monkeypatch.setattr(frozen_scorer, "LIFTED_LIMIT", 0)
+        recommender, _ = _recommender(True, popularity)  # its popular block made with no row
         _, unlifted = _exact_and_two_stage(recommender, states, nearest=10, popular=0, k=10)
         assert _overlap(exact, unlifted) < 0.95
 

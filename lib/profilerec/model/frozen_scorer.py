@@ -21,10 +21,11 @@ from profilerec.config import ScorerConfig
 from profilerec.model.scorer_inputs import ScorerBatch
 
 # items lifted by their popularity that one two-stage ranking scores at most beyond its candidates
-# (recommend.py): past it, the ranking may miss an item that only its popularity places (a bound
-# on the cost). FrozenScorer keeps the vectors of that many most popular items in one block. On a
-# large catalog of items with few events each, most rankings reach the bound: each further
-# thousand items read costs more per request than the rare item it places (docs/benchmarks.md)
+# (recommend.py): FrozenScorer.popular_items holds that many, and the ranking reads the bound as
+# its length. Past it, the ranking may miss an item that only its popularity places (a bound on
+# the cost). On a large catalog of items with few events each, most rankings reach the bound: each
+# further thousand items read costs more per request than the rare item it places
+# (docs/benchmarks.md)
 LIFTED_LIMIT = 3_000
 
 

@@ -23,13 +23,7 @@ from profilerec.data.learned import ITEMS_LOG, TEXTS_LOG, VectorLog
 from profilerec.data.schema import Event
 from profilerec.model.ann import read_manifest
 from profilerec.model.encoder import text_hash
-from profilerec.model.frozen_scorer import (
-    LIFTED_LIMIT,
-    ScoreParts,
-    frozen_parts,
-    frozen_popular_scores,
-    frozen_row_scores,
-)
+from profilerec.model.frozen_scorer import ScoreParts, frozen_parts, frozen_popular_scores, frozen_row_scores
 from profilerec.model.index import ItemIndex, best_rows, shared_index
 from profilerec.model.priors import ItemPriors, empty_priors, grown_priors
 from profilerec.model.profile import (
@@ -240,14 +234,14 @@ class Recommender:
         their scores: an item outside them is at most `reach` similar to the user
         (retrieval.Candidates) and has no sparse term, so only a popularity term above the k-th
         score minus that similarity's term can place it. Those are the first items by decreasing
-        popularity term, LIFTED_LIMIT of them at most."""
+        popularity term, as many as FrozenScorer.popular_items holds at most."""
         none = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         if self.scorer is None or len(top[0]) < k or not np.isfinite(reach):
             return none
         frozen = self.scorer.frozen()
         order, lowered = frozen.by_popularity
         needed = top[1][-1] - frozen.scale * reach  # a tie may place an item too
-        count = min(int(np.searchsorted(lowered, -needed, side="right")), LIFTED_LIMIT)
+        count = min(int(np.searchsorted(lowered, -needed, side="right")), len(frozen.popular_items))
         if not count:
             return none
         lifted = order[:count]
